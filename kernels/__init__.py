@@ -1,0 +1,5 @@
+"""Fused GPU kernels, installed as `minirl.kernels` (see ../shared/DESIGN.md, "Layout")."""
+
+from .fused_logprobs import gathered_logprobs
+
+__all__ = ["gathered_logprobs"]

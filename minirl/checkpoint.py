@@ -75,6 +75,7 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
                 target = params[name]
                 if tuple(tensor.shape) != tuple(target.shape):
                     wrong_shape.append(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                    loaded.add(name)  # present, reported as misshaped rather than missing
                     continue
                 with torch.no_grad():
                     target.copy_(tensor.to(dtype))

@@ -129,10 +129,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -224,7 +221,7 @@ class Qwen2(nn.Module):
 
     def check_input_ids(self, input_ids, positions):
         V, P = self.config.vocab_size, self.config.max_position_embeddings
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise InputError(f"input_ids: token id {bad} is outside the vocabulary [0, {V})")
