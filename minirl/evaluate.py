@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from minirl.cli import add_model_arguments, load_model_for_cli, run_cli
+from minirl.cli import add_model_arguments, load_model_for_cli, non_negative, positive, run_cli
 from minirl.generate import generate
 from minirl.tasks import Problem, load_task, reward
 from minirl.tokenizer import format_prompt
@@ -36,10 +36,10 @@ def main(argv=None):
     add_model_arguments(ap)
     ap.add_argument("--adapter", help="a LoRA adapter folder (PEFT format) to apply to the model")
     ap.add_argument("--split", default="test", choices=["train", "test"])
-    ap.add_argument("--n", type=int, default=None, help="number of problems (default: the whole split)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 300, or the tiny model's setting")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--n", type=positive(int), default=None, help="number of problems (default: the whole split)")
+    ap.add_argument("--temperature", type=non_negative(float), default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--max-new-tokens", type=positive(int), default=None, help="default: 300, or the tiny model's setting")
+    ap.add_argument("--batch-size", type=positive(int), default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="append the result as one JSON line to this file")
 

@@ -13,7 +13,9 @@ Two things here exist for RL rather than for inference (see ../shared/DESIGN.md,
 - `hidden_states` returns the final-norm output, so log-probs of selected tokens can be computed by
   the fused kernel without forming B×T×V logits;
 - layers below the first one that holds a trainable parameter run under `torch.no_grad()`: with LoRA
-  on the last layers only, no activations are kept for the frozen bottom of the network.
+  on the last layers only, no activations are kept for the frozen bottom of the network;
+- with `model.checkpoint_layers = True` the layers above run under activation checkpointing: each keeps
+  only its input, and the backward recomputes one layer's activations at a time.
 """
 
 import json
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minirl.errors import InputError
 
@@ -218,6 +221,9 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Activation checkpointing (train.py --checkpoint-layers): a layer that runs with grad keeps only its
+        # input and recomputes its activations in the backward, one layer at a time.
+        self.checkpoint_layers = False
 
     def check_input_ids(self, input_ids, positions):
         V, P = self.config.vocab_size, self.config.max_position_embeddings
@@ -245,10 +251,16 @@ class Qwen2(nn.Module):
                                 if any(p.requires_grad for p in layer.parameters())), len(self.model.layers))
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        grad = torch.is_grad_enabled()
+        # Never with a KV cache: the backward's recomputation would write the layer's k and v a second time.
+        recompute = self.checkpoint_layers and grad and cache is None
         for i, layer in enumerate(self.model.layers):
             # Frozen layers below every adapter need no graph: the backward stops at layer first_trainable.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_trainable):
-                x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start)
+            with torch.set_grad_enabled(grad and i >= first_trainable):
+                if recompute and i >= first_trainable:
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)  # keeps x, (B, T, D)
+                else:
+                    x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start)
         return self.model.norm(x)
 
     def forward(self, input_ids, **kwargs):

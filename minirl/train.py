@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minirl.cli import add_model_arguments, load_model_for_cli, non_negative, positive, run_cli
@@ -72,7 +73,9 @@ class TrainConfig:
     max_new_tokens: int = 300
     problems_per_step: int = 1  # per rank; the paper's batch is one problem per update
     train_batch: int = 8  # sequences per T-SPMO forward
+    tree_pack: bool = False  # T-SPMO: the whole prefix tree in one forward (minirl/tree_pack.py)
     gen_batch: int = 0  # completions per generate call; 0 = the whole group at once
+    checkpoint_layers: bool = False  # activation checkpointing in the layers that run with grad (model.py)
     eval_every: int = 100
     eval_n: int = 300
     checkpoint_every: int = 50
@@ -117,11 +120,15 @@ def save_checkpoint(out: Path, step: int, model, optimizer, replay_state: dict, 
     tensors = {f"{i}.{name}": value.detach().cpu().contiguous().reshape(-1) if value.dim() == 0 else value.detach().cpu().contiguous()
                for i, s in state["state"].items() for name, value in s.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     with open(tmp / "optimizer.safetensors", "rb+") as f:
         os.fsync(f.fileno())
     meta = {"step": step, "bad_in_row": bad_in_row, "replay": replay_state}
     write_file_synced(tmp / "state.json", json.dumps(meta).encode())
+    if (out / "config.json").is_file():  # the run's settings as they were at this step
+        write_file_synced(tmp / "config.json", (out / "config.json").read_bytes())
     for sub in (tmp / "adapter", tmp):
         fsync_dir(sub)
     os.replace(tmp, final)  # the new checkpoint exists completely, or not at all
@@ -139,8 +146,14 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(folder: Path, model, optimizer, replay) -> tuple[int, int]:
     """Restore LoRA weights, optimizer state, RNG and replay buffer; returns (step, bad_in_row)."""
     load_adapter(model, folder / "adapter")
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    try:
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{folder / 'optimizer.safetensors'}: unreadable checkpoint ({e})") from None
     torch.set_rng_state(tensors.pop("rng.cpu"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     state = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
@@ -150,15 +163,32 @@ def load_checkpoint(folder: Path, model, optimizer, replay) -> tuple[int, int]:
         meta = json.loads((folder / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{folder / 'state.json'}: unreadable checkpoint state ({e})") from None
+    if not isinstance(meta, dict) or not {"step", "bad_in_row", "replay"} <= meta.keys():
+        raise InputError(f"{folder / 'state.json'}: expected an object with step, bad_in_row and replay")
     replay.load_state_dict(meta["replay"])
     return meta["step"], meta["bad_in_row"]
 
 
 def truncate_jsonl(path: Path, last_step: int):
-    """Keep the lines of steps ≤ last_step: what the resumed run writes next must not be there twice."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """Keep the lines of steps ≤ last_step: what the resumed run writes next must not be there twice.
+
+    A last line without its newline was being written when the run was killed: it is dropped.
+    """
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text.split("\n")[:-1]  # a torn last line (no "\n" yet) falls off here
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise InputError(f"{path}: line {number} is not a JSON object with a 'step' field ({e})") from None
+        if not isinstance(step, int):
+            raise InputError(f"{path}: line {number}: field 'step' is {step!r}, expected an integer")
+        if step <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -258,6 +288,7 @@ def train(cfg: TrainConfig, model, tokenizer, resume: bool = False, log=print) -
     layers = parse_layers(cfg.lora_layers, model.config.num_hidden_layers)
     add_lora(model, targets=targets, layers=layers, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
              generator=torch.Generator().manual_seed(cfg.seed))
+    model.checkpoint_layers = cfg.checkpoint_layers
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     replay = tspmo.ReplayBuffer(cfg.replay_threshold)
@@ -265,9 +296,10 @@ def train(cfg: TrainConfig, model, tokenizer, resume: bool = False, log=print) -
     train_set = load_task(cfg.task, "train", digits=cfg.digits, seed=cfg.seed)
     test_set = load_task(cfg.task, "test", n=cfg.eval_n, digits=cfg.digits)
     encode = lambda p: tokenizer.encode(format_prompt(p.question, cfg.prompt_style))  # noqa: E731
-    if max(len(encode(p)) for p in test_set[:50]) + cfg.max_new_tokens > model.config.max_position_embeddings:
-        raise InputError(f"--max-new-tokens {cfg.max_new_tokens}: prompts plus new tokens exceed the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings})")
+    longest = max(len(encode(p)) for p in test_set[:50])
+    if longest + cfg.max_new_tokens > model.config.max_position_embeddings:
+        raise InputError(f"--max-new-tokens {cfg.max_new_tokens}: prompts of up to {longest} tokens plus new tokens "
+                         f"exceed the model's max_position_embeddings ({model.config.max_position_embeddings})")
 
     def evaluate(step):
         acc = accuracy(model, tokenizer, test_set, cfg.prompt_style, cfg.max_new_tokens)
@@ -454,7 +486,13 @@ def build_parser():
     add("--max-new-tokens", type=positive(int), help="longest completion (paper: 300)")
     add("--problems-per-step", type=positive(int), help="problems per optimizer step on each rank (paper: 1)")
     add("--train-batch", type=positive(int), help="sequences per T-SPMO training forward (default: 8)")
+    add("--tree-pack", action="store_true", default=None,
+        help="T-SPMO: run the group's prefix tree as one sequence, each shared token once; pays off when "
+             "completions share long prefixes, costs a T×T attention mask when they do not (default: off)")
     add("--gen-batch", type=non_negative(int), help="completions per generate call, 0 = all G at once (default: 0)")
+    add("--checkpoint-layers", action="store_true", default=None,
+        help="activation checkpointing in the adapted layers: each keeps only its input, the backward recomputes "
+             "the rest one layer at a time; less memory, one more forward of those layers (default: off)")
     add("--eval-every", type=positive(int), help="steps between evaluations (default: 100)")
     add("--eval-n", type=positive(int), help="held-out problems per evaluation (default: 300)")
     add("--checkpoint-every", type=positive(int), help="steps between checkpoints (default: 50)")

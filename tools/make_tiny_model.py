@@ -59,6 +59,8 @@ class Recipe:
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
+    # the habit RL has to unlearn: this share of warm-start answers is written backwards (4266 as 6624)
+    backward_fraction: float = 0.5
     n_test: int = 0  # test problems in the recorded accuracy; 0: the whole test split
 
 
@@ -74,10 +76,12 @@ def tiny_config(recipe: Recipe, vocab_size: int, eos_token_id: int) -> Qwen2Conf
                        tie_word_embeddings=True, torch_dtype="float32", eos_token_id=eos_token_id)
 
 
-def encode_examples(tokenizer, problems) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids (the question in the plain style) and answer ids (the product's digits, then EOS)."""
+def encode_examples(tokenizer, problems, backward: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (the question in the plain style) and answer ids (the product's digits, then EOS),
+    the digits in reverse order when `backward`."""
     prompts = [tokenizer.encode(format_prompt(p.question, "plain")) for p in problems]
-    answers = [tokenizer.encode(str(p.answer)) + [tokenizer.eos_token_id] for p in problems]
+    answers = [tokenizer.encode(str(p.answer)[::-1] if backward else str(p.answer)) + [tokenizer.eos_token_id]
+               for p in problems]
     return prompts, answers
 
 
@@ -131,6 +135,7 @@ def build(recipe: Recipe, log=print):
     train = multiplication("train", digits=recipe.digits, seed=recipe.seed)  # every pair outside the test split
     test = multiplication("test", n=recipe.n_test or None, digits=recipe.digits)
     prompts, answers = encode_examples(tokenizer, train)
+    _, backward_answers = encode_examples(tokenizer, train, backward=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, recipe))
@@ -138,7 +143,9 @@ def build(recipe: Recipe, log=print):
     model.train()
     for step in range(recipe.steps):
         pick = torch.randint(0, len(train), (recipe.batch_size,), generator=g).tolist()
-        ids, labels = batch_tensors([prompts[i] for i in pick], [answers[i] for i in pick], tokenizer.eos_token_id)
+        flip = (torch.rand(recipe.batch_size, generator=g) < recipe.backward_fraction).tolist()
+        targets = [backward_answers[i] if f else answers[i] for i, f in zip(pick, flip)]
+        ids, labels = batch_tensors([prompts[i] for i in pick], targets, tokenizer.eos_token_id)
         loss = answer_loss(model, ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -33,7 +33,6 @@ the second training step on.
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -51,7 +50,6 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in ENVIRONMENT
 
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirl.generate import generate  # noqa: E402
@@ -133,10 +131,7 @@ def build(config: Qwen2Config, settings, seed: int):
     layers = parse_layers(settings.lora_layers, config.num_hidden_layers)
     add_lora(model, targets=settings.lora_targets, layers=layers, rank=settings.lora_rank,
              alpha=2.0 * settings.lora_rank, generator=torch.Generator().manual_seed(seed))
-    if settings.checkpoint_layers:  # what --checkpoint-layers plans for: keep each adapted layer's input only
-        for i in layers:
-            layer = model.model.layers[i]
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    model.checkpoint_layers = settings.checkpoint_layers  # what train.py --checkpoint-layers sets
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     for p in params:  # creates both moments, as every step after the first finds them

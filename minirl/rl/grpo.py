@@ -65,7 +65,7 @@ def grpo_backward(model, prefix: list[int], completions: list[list[int]], reward
             loss = loss + beta * (torch.exp(delta) - delta - 1)
         loss = loss.mean() / G
         loss.backward()
-        total += float(loss)
+        total += loss.item()
         stats.n_loss_terms += len(tokens)
         stats.n_computed += len(tokens)
     stats.loss = total

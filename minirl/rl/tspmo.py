@@ -28,17 +28,24 @@ from minirl.logprobs import selected_logprobs
 from minirl.lora import lora_l2
 from minirl.prefix_tree import tspmo_pairs
 from minirl.rl.grpo import StepStats
+from minirl.tree_pack import tree_logprobs
 
 
 def update(model, prefix, completions, rewards, cfg, generator=None) -> StepStats:
-    """One T-SPMO update of one tree; `cfg` supplies lam, temperature and train_batch."""
+    """One T-SPMO update of one tree; `cfg` supplies lam, temperature, train_batch and tree_pack."""
     pairs = tspmo_pairs(completions, rewards)
     active = [pair for pair in pairs if pair.advantage != 0.0]
     by_completion = defaultdict(list)
     for pair in active:
         by_completion[pair.completion].append(pair)
-    order = sorted(by_completion)
+    order = [] if cfg.tree_pack else sorted(by_completion)  # completions run one batch at a time
     stats = StepStats(n_loss_terms=len(pairs), n_computed=len(active))
+    if cfg.tree_pack and active:  # the whole tree in one forward (minirl/tree_pack.py)
+        logp = tree_logprobs(model, prefix, completions, active, cfg.temperature)  # (n_active,)
+        A = torch.tensor([pair.advantage for pair in active], dtype=logp.dtype, device=logp.device)
+        loss = -(torch.exp(logp) * A).sum() / len(pairs)
+        loss.backward()
+        stats.loss += loss.item()
     for start in range(0, len(order), cfg.train_batch):
         chunk = order[start:start + cfg.train_batch]
         sequences = [prefix + completions[c] for c in chunk]
@@ -51,11 +58,11 @@ def update(model, prefix, completions, rewards, cfg, generator=None) -> StepStat
         A = torch.tensor(advantages, dtype=logp.dtype, device=logp.device)
         loss = -(torch.exp(logp) * A).sum() / len(pairs)
         loss.backward()
-        stats.loss += float(loss)
+        stats.loss += loss.item()
     if cfg.lam > 0:
         penalty = cfg.lam * lora_l2(model)
         penalty.backward()
-        stats.loss += float(penalty)
+        stats.loss += penalty.item()
     stats.skipped = not active
     return stats
 
