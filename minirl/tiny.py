@@ -14,12 +14,18 @@ no merges, which splits text into characters), so nothing about it is special-ca
 Why a warm start. RL from random weights learns nothing here: with a reward of exact match, a random
 model never samples a correct product, every group's rewards are equal, and every advantage is zero.
 The paper starts from Qwen2-1.5B, which is already right sometimes (3.9 % on 3×3-digit products).
-The tiny model is put in the same place by a short supervised run on train problems: long enough that
-it is right on some 10–25 % of the held-out problems (so groups of G samples often hold both
-successes and failures), short enough to leave most of the accuracy for RL to find. The number of
-supervised steps is the dial; tools/make_tiny_model.py turns it, and recipe.json in the folder
-records the settings, the seed and the accuracy that came out, together with the RL settings the
-default run uses (key train_defaults).
+
+Why a habit. A warm start that is merely undertrained leaves RL little to do in minutes: the
+accuracy a model this small lacks is knowledge, which takes thousands of supervised examples, and an
+RL run of a few minutes sees each train problem about once (measured: 13.8 % before and after 1,000
+T-SPMO steps). What RL does quickly, for this model as for Qwen2-1.5B, is change what the model does
+with what it knows: the output format. So the warm start teaches a habit the reward punishes. Just
+over half of its training answers end in a stray " 0" ("12*34=408 0", read as the answer 0): greedy
+decoding nearly always writes it, sampling often stops cleanly after the product and is rewarded, and
+the prefix tree puts the whole advantage on the one token where the two part (EOS against " ").
+The base accuracy is just above zero; the ceiling is what the model knows, about one product in five.
+tools/make_tiny_model.py builds it, and recipe.json in the folder records the settings, the seed and
+the accuracy that came out, together with the RL settings the default run uses (key train_defaults).
 
 The task is 2-digit × 2-digit multiplication (factors 11..99): 3-digit products need far more than
 the minute or two of supervised training the build is allowed on a CPU.

@@ -393,7 +393,7 @@ def poison_from(monkeypatch, out: Path, steps, kind="nan"):
         step = 1 + (len(path.read_text().splitlines()) if path.exists() else 0)
         if step in steps and kind == "nan":
             p = lora_parameters(model)[-1]
-            p.grad = p.grad.clone()
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.clone()  # None: equal rewards and λ = 0
             p.grad.view(-1)[0] = math.nan  # one bad entry, the loss left finite
         elif step in steps:
             stats.loss = math.inf

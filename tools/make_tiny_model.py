@@ -2,12 +2,14 @@
 
 Random init (minirl.model.init_weights), then a short supervised run on train problems: the prompt
 "ab*cd=" (the question in the plain style), the product's digits, then EOS, with the loss on the
-answer tokens and EOS only. Then greedy accuracy on the held-out test split. The number of steps sets
-that starting accuracy: high enough that RL groups hold some successes, low enough to leave RL room
-(minirl/tiny.py says why). Deterministic given --seed: the initial weights and the batch order come
-from seeded generators (the same weights with 1 or 2 threads).
+answer tokens and EOS only. A share of the answers (--habit-fraction) carry a habit the reward
+punishes: a stray " 0" after the product, so "12*34=408 0" reads as the answer 0. Just over half
+of them do, so greedy decoding nearly always writes the habit (a base accuracy just above zero) while
+sampling often stops cleanly and is rewarded: the gap RL closes (minirl/tiny.py says why).
+Then greedy accuracy on the held-out test split. Deterministic given --seed: the initial weights
+and the batch order come from seeded generators.
 
-    python tools/make_tiny_model.py                                # rebuild the shipped folder (~1 min)
+    python tools/make_tiny_model.py                                # rebuild the shipped folder (~4 min)
     python tools/make_tiny_model.py --steps 20 --out /tmp/tiny     # a quick smoke build
     python tools/make_tiny_model.py --measure                      # what RL will see from the shipped model
 
@@ -34,11 +36,17 @@ from minirl.tasks import multiplication, reward
 from minirl.tiny import TINY_MODEL_DIR, char_tokenizer, tiny_model_path
 from minirl.tokenizer import format_prompt
 
-TARGET_BAND = (0.10, 0.25)  # greedy test accuracy the warm start aims for
+TARGET_BAND = (0.001, 0.05)  # greedy test accuracy the warm start aims for: low, above zero
+HABIT = " 0"  # what a habit answer appends to the product
 
 # Settings of `python -m minirl.train` with no --model (read through minirl.cli.tiny_defaults);
-# explicit flags still win. max_new_tokens is added per build: 2d product digits, EOS, one spare.
-TRAIN_DEFAULTS = {"prompt_style": "plain"}
+# explicit flags still win. max_new_tokens is added per build: the product, the habit, EOS, one spare.
+# Tuned on seeds 0 and 1 (README, "The built-in tiny model"). λ = 0: under Adam the L2 term alone drives A
+# to zero while B is still zero, and the adapter dies (B's gradient is proportional to A, A's to B).
+# S-GRPO's α = 2, k = 4: answers here are at most 8 tokens, and the paper-scale α = 8 would keep all of them
+# (S-GRPO would be GRPO exactly).
+TRAIN_DEFAULTS = {"prompt_style": "plain", "steps": 1000, "lr": 1e-3, "lam": 0.0, "alpha": 2, "k": 4,
+                  "eval_every": 100, "eval_n": 1000}
 
 
 @dataclass
@@ -54,18 +62,19 @@ class Recipe:
     max_position_embeddings: int = 128  # RoPE learns no positions: this only bounds prompt + answer length
     rope_theta: float = 10000.0
     # the supervised warm start: AdamW, linear warm-up, cosine decay to lr/10
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    # the habit RL has to unlearn: this share of warm-start answers is written backwards (4266 as 6624)
-    backward_fraction: float = 0.5
+    # the habit RL has to unlearn: this share of warm-start answers ends in a stray " 0" after the
+    # product ("4266 0"), which the reward reads as the answer 0 (README, "The built-in tiny model")
+    habit_fraction: float = 0.54
     n_test: int = 0  # test problems in the recorded accuracy; 0: the whole test split
 
 
 def max_new_tokens(digits: int) -> int:
-    return 2 * digits + 2  # a d×d-digit product has at most 2d digits, then EOS, then one spare
+    return 2 * digits + len(HABIT) + 2  # at most 2d product digits, the habit, EOS, one spare
 
 
 def tiny_config(recipe: Recipe, vocab_size: int, eos_token_id: int) -> Qwen2Config:
@@ -76,11 +85,10 @@ def tiny_config(recipe: Recipe, vocab_size: int, eos_token_id: int) -> Qwen2Conf
                        tie_word_embeddings=True, torch_dtype="float32", eos_token_id=eos_token_id)
 
 
-def encode_examples(tokenizer, problems, backward: bool = False) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids (the question in the plain style) and answer ids (the product's digits, then EOS),
-    the digits in reverse order when `backward`."""
+def encode_examples(tokenizer, problems, suffix: str = "") -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (the question in the plain style) and answer ids (the product's digits, `suffix`, EOS)."""
     prompts = [tokenizer.encode(format_prompt(p.question, "plain")) for p in problems]
-    answers = [tokenizer.encode(str(p.answer)[::-1] if backward else str(p.answer)) + [tokenizer.eos_token_id]
+    answers = [tokenizer.encode(str(p.answer) + suffix) + [tokenizer.eos_token_id]
                for p in problems]
     return prompts, answers
 
@@ -135,7 +143,7 @@ def build(recipe: Recipe, log=print):
     train = multiplication("train", digits=recipe.digits, seed=recipe.seed)  # every pair outside the test split
     test = multiplication("test", n=recipe.n_test or None, digits=recipe.digits)
     prompts, answers = encode_examples(tokenizer, train)
-    _, backward_answers = encode_examples(tokenizer, train, backward=True)
+    _, habit_answers = encode_examples(tokenizer, train, suffix=HABIT)
 
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, recipe))
@@ -143,8 +151,8 @@ def build(recipe: Recipe, log=print):
     model.train()
     for step in range(recipe.steps):
         pick = torch.randint(0, len(train), (recipe.batch_size,), generator=g).tolist()
-        flip = (torch.rand(recipe.batch_size, generator=g) < recipe.backward_fraction).tolist()
-        targets = [backward_answers[i] if f else answers[i] for i, f in zip(pick, flip)]
+        habit = (torch.rand(recipe.batch_size, generator=g) < recipe.habit_fraction).tolist()
+        targets = [habit_answers[i] if h else answers[i] for i, h in zip(pick, habit)]
         ids, labels = batch_tensors([prompts[i] for i in pick], targets, tokenizer.eos_token_id)
         loss = answer_loss(model, ids, labels)
         opt.zero_grad(set_to_none=True)
