@@ -87,10 +87,11 @@ def edit_config(folder: Path, **changes):
 # ----------------------------------------------------------------------------- bad model folders
 
 
-def test_missing_config_json(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_missing_file(tmp_path, capsys, name):
     folder = fresh_tiny(tmp_path)
-    (folder / "config.json").unlink()
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"config\.json", "not found")
+    (folder / name).unlink()
+    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], re.escape(name), "not found")
 
 
 def test_malformed_config_json(tmp_path, capsys):
@@ -129,12 +130,6 @@ def test_tensor_of_the_wrong_shape(tmp_path, capsys):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"],
               re.escape(str(folder)), re.escape(name), r"\(32, 31\)", r"expected \(32, 32\)")
-
-
-def test_missing_tokenizer_json(tmp_path, capsys):
-    folder = fresh_tiny(tmp_path)
-    (folder / "tokenizer.json").unlink()
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"tokenizer\.json", "not found")
 
 
 def test_invalid_tokenizer_json(tmp_path, capsys):

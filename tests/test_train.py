@@ -4,15 +4,17 @@ Each method runs three steps on a random Hugging Face folder (conftest.write_hf_
 output folder DESIGN.md describes ("The command line and its output folder"): config.json,
 metrics.jsonl, eval.jsonl, adapter/, checkpoint/. Then the default run, shortened, on the built-in tiny
 model: its printed table and progress lines, its evaluations against `python -m minirl.evaluate`, and
-its settings against the tiny model's recipe.json. Resume, bad input and the non-finite guard are
+its settings against the tiny model's recipe.json. Last, tools/compare_methods.py's table against its runs. Resume, bad input and the non-finite guard are
 tests/test_reliability.py's; data parallelism is tests/test_distributed.py's.
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
 import re
+import statistics
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -28,6 +30,7 @@ from minirl.tiny import tiny_model_path
 DESIGN_METRICS = {"step", "method", "reward_mean", "loss", "n_loss_terms", "gen_tokens_per_s", "peak_mem_bytes",
                   "seconds"}
 STEPS, G, MAX_NEW, EVAL_N = 3, 4, 6, 8
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def records(path: Path) -> list[dict]:
@@ -239,3 +242,25 @@ def test_default_run_takes_the_tiny_models_settings_unless_a_flag_is_given(tiny_
     paper = {**asdict(train.TrainConfig()), **train.paper_defaults("tspmo", recipe["task"])}
     rest = names - set(defaults) - set(given) - {"model", "digits"}
     assert {k: config[k] for k in rest} == {k: paper[k] for k in rest}
+
+
+# ----------------------------------------------------------------------------- tools/compare_methods.py
+
+
+def test_compare_methods_table_is_the_mean_and_sd_of_its_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_methods", TOOLS / "compare_methods.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "compare"
+    tool.main(["--seeds", "0", "1", "--methods", "tspmo", "--jobs", "2", "--out", str(out), "--",
+               "--steps", "2", "--eval-n", "10", "--eval-every", "1"])
+    runs = json.loads((out / "results.json").read_text())
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    for r in runs:  # each figure is the run's own eval.jsonl
+        evals = records(out / f"tspmo-seed{r['seed']}" / "eval.jsonl")
+        assert (r["base"], r["final"], r["n"]) == (evals[0]["accuracy"], evals[-1]["accuracy"], 10)
+        assert [s for s, _ in r["curve"]] == [0, 1, 2]
+    finals = [r["final"] for r in runs]
+    row = f"| T-SPMO | {100 * statistics.mean(finals):.1f} ± {100 * statistics.stdev(finals):.1f} |"
+    assert row in (out / "table.md").read_text()
+    assert row in capsys.readouterr().out
