@@ -156,15 +156,16 @@ class GatheredLogprobs(torch.autograd.Function):
         dh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
         C = chunk_width(N, V)
+        # On a GPU dz is written in the weight's dtype so that the products below run on tensor cores.
+        dz_dtype = weight.dtype if ctx.use_triton and weight.is_cuda else torch.float32
+        workspace = chunk_workspace(N, C, dz_dtype, hidden.device)
         for c0 in range(0, V, C):
             w_c = weight[c0:c0 + C]  # (C, D)
+            dz = workspace(w_c.shape[0])  # (N, C)
             if ctx.use_triton:
-                # on a GPU dz is written in the weight's dtype so that the products below run on tensor cores
-                dz = torch.empty((N, w_c.shape[0]), device=hidden.device,
-                                 dtype=weight.dtype if weight.is_cuda else torch.float32)
                 _triton_module().dlogits(hidden, w_c, targets, lse, g, ctx.temperature, c0, dz)
             else:
-                dz = _torch_dlogits(hidden, w_c, targets, lse, g, ctx.temperature, c0)  # (N, C)
+                _torch_dlogits(hidden, w_c, targets, lse, g, ctx.temperature, c0, dz)
             if need_h:
                 dh += _matmul_f32(dz, w_c)  # (N, D)
             if need_w:
@@ -174,7 +175,7 @@ class GatheredLogprobs(torch.autograd.Function):
 
 def combine(m, s, e, zt):
     """Merge per-span statistics, each (S, N): (logp, lse, entropy or None), each (N,)."""
-    M = m.max(dim=0).values  # (N,)
+    M = m.amax(dim=0)  # (N,)
     scale = torch.exp(m - M)  # (S, N): brings every span's sums to the common max
     total = (s * scale).sum(dim=0)  # Σ_v exp(z_v − M) ≥ 1: the span holding the max contributes exp(0)
     lse = M + torch.log(total)
@@ -188,17 +189,30 @@ def chunk_width(N: int, V: int) -> int:
     return min(V, max(128, WORKSPACE // max(N, 1)))
 
 
+def chunk_workspace(N: int, C: int, dtype, device):
+    """One (N, C) buffer for every chunk: `view(width)` is its first N·width elements as (N, width).
+
+    Reusing it, rather than allocating each chunk's logits anew, matters on the CPU: a fresh 32 MiB
+    block comes from the kernel as untouched pages, and faulting them in costs about a fifth of the
+    chunk's matmul.
+    """
+    flat = torch.empty(N * C, dtype=dtype, device=device)
+    return lambda width: flat[:N * width].view(N, width)
+
+
 def _torch_forward_stats(hidden, weight, targets, temperature, with_entropy):
     """The PyTorch path of the forward: one span per vocabulary chunk, statistics stacked to (S, N)."""
     N = hidden.shape[0]
     C = chunk_width(N, weight.shape[0])
+    workspace = chunk_workspace(N, C, torch.float32, hidden.device)
     h = hidden.float()  # (N, D)
     stats = []
     for c0 in range(0, weight.shape[0], C):
-        z = (h @ weight[c0:c0 + C].float().T).div_(temperature)  # (N, C)
+        w_c = weight[c0:c0 + C].float()  # (C, D)
+        z = torch.matmul(h, w_c.T, out=workspace(w_c.shape[0])).div_(temperature)  # (N, C)
         inside = (targets >= c0) & (targets < c0 + z.shape[1])
         zt = torch.where(inside, z.gather(1, (targets - c0).clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
-        m = z.max(dim=1).values
+        m = z.amax(dim=1)  # amax, not max: max also finds the indices, several times slower on the CPU
         if with_entropy:
             p = torch.exp(z - m[:, None])
             s, e = p.sum(dim=1), p.mul_(z).sum(dim=1)
@@ -209,14 +223,13 @@ def _torch_forward_stats(hidden, weight, targets, temperature, with_entropy):
     return m, s, e, zt
 
 
-def _torch_dlogits(hidden, weight_chunk, targets, lse, g, temperature, c0):
-    """(g/τ)·(onehot − softmax) for the vocabulary columns [c0, c0 + C): (N, C) fp32."""
+def _torch_dlogits(hidden, weight_chunk, targets, lse, g, temperature, c0, dz):
+    """Writes (g/τ)·(onehot − softmax) for the vocabulary columns [c0, c0 + C) into dz, (N, C) fp32."""
     C = weight_chunk.shape[0]
-    dz = (hidden.float() @ weight_chunk.float().T).div_(temperature)  # (N, C) logits, then in place:
+    torch.matmul(hidden.float(), weight_chunk.float().T, out=dz).div_(temperature)  # (N, C) logits, then in place:
     dz.sub_(lse[:, None]).exp_().mul_(-(g / temperature)[:, None])  # −(g/τ)·softmax
     rows = ((targets >= c0) & (targets < c0 + C)).nonzero()[:, 0]
     dz[rows, targets[rows] - c0] += g[rows] / temperature
-    return dz
 
 
 def _matmul_f32(a, b):

@@ -247,11 +247,12 @@ class Qwen2(nn.Module):
         self.check_input_ids(input_ids, positions)
         if mask is None and cache is not None and cache_start > 0:
             raise ValueError("a cached forward after the first chunk needs an explicit mask")
+        grad = torch.is_grad_enabled()
+        # Under no_grad (every decode step) the search is skipped: it walks every parameter of the model.
         first_trainable = next((i for i, layer in enumerate(self.model.layers)
-                                if any(p.requires_grad for p in layer.parameters())), len(self.model.layers))
+                                if grad and any(p.requires_grad for p in layer.parameters())), len(self.model.layers))
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        grad = torch.is_grad_enabled()
         # Never with a KV cache: the backward's recomputation would write the layer's k and v a second time.
         recompute = self.checkpoint_layers and grad and cache is None
         for i, layer in enumerate(self.model.layers):
