@@ -78,6 +78,11 @@ def fresh_tiny(tmp_path, **edits) -> Path:
     return folder
 
 
+def bad_model_folder(capsys, folder: Path, *patterns):
+    """Evaluating with the damaged model `folder` exits 2 with one error line matching every pattern."""
+    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], *patterns)
+
+
 def edit_config(folder: Path, **changes):
     config = json.loads((folder / "config.json").read_text())
     config.update(changes)
@@ -91,27 +96,30 @@ def edit_config(folder: Path, **changes):
 def test_missing_file(tmp_path, capsys, name):
     folder = fresh_tiny(tmp_path)
     (folder / name).unlink()
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], re.escape(name), "not found")
+    bad_model_folder(capsys, folder, re.escape(name), "not found")
 
 
-def test_malformed_config_json(tmp_path, capsys):
+@pytest.mark.parametrize("name, text, message", [
+    ("config.json", '{"vocab_size": 96, "hidden_size": ', "not valid JSON"),
+    ("tokenizer.json", '{"model": {"type": "NoSuchModel"}}', "not a valid tokenizers file"),
+])
+def test_malformed_file(tmp_path, capsys, name, text, message):
     folder = fresh_tiny(tmp_path)
-    (folder / "config.json").write_text('{"vocab_size": 96, "hidden_size": ')
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"config\.json", "not valid JSON")
+    (folder / name).write_text(text)
+    bad_model_folder(capsys, folder, re.escape(name), message)
 
 
 def test_config_field_of_the_wrong_kind(tmp_path, capsys):
     folder = fresh_tiny(tmp_path)
     edit_config(folder, num_attention_heads=0)
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"],
-              r"config\.json", "num_attention_heads", "positive integer")
+    bad_model_folder(capsys, folder, r"config\.json", "num_attention_heads", "positive integer")
 
 
 def test_safetensors_garbage_header(tmp_path, capsys):
     folder = fresh_tiny(tmp_path)
     garbage = b"{this is not a JSON header}"
     (folder / "model.safetensors").write_bytes(len(garbage).to_bytes(8, "little") + garbage + bytes(64))
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"model\.safetensors", "not a valid safetensors")
+    bad_model_folder(capsys, folder, r"model\.safetensors", "not a valid safetensors")
 
 
 def test_safetensors_cut_short(tmp_path, capsys):
@@ -119,7 +127,7 @@ def test_safetensors_cut_short(tmp_path, capsys):
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"model\.safetensors")
+    bad_model_folder(capsys, folder, r"model\.safetensors")
 
 
 def test_tensor_of_the_wrong_shape(tmp_path, capsys):
@@ -128,20 +136,13 @@ def test_tensor_of_the_wrong_shape(tmp_path, capsys):
     name = "model.layers.1.self_attn.q_proj.weight"
     tensors[name] = tensors[name][:, :-1].contiguous()  # (32, 31) where the config says (32, 32)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"],
-              re.escape(str(folder)), re.escape(name), r"\(32, 31\)", r"expected \(32, 32\)")
-
-
-def test_invalid_tokenizer_json(tmp_path, capsys):
-    folder = fresh_tiny(tmp_path)
-    (folder / "tokenizer.json").write_text('{"model": {"type": "NoSuchModel"}}')
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"tokenizer\.json", "not a valid tokenizers file")
+    bad_model_folder(capsys, folder, re.escape(str(folder)), re.escape(name), r"\(32, 31\)", r"expected \(32, 32\)")
 
 
 def test_tokenizer_larger_than_the_vocabulary(tmp_path, capsys):
     folder = fresh_tiny(tmp_path)
     edit_config(folder, vocab_size=50)  # the character tokenizer has 87 tokens
-    bad_input(capsys, evaluate.main, ["--model", str(folder), "--n", "2"], r"tokenizer\.json", "vocab_size 50")
+    bad_model_folder(capsys, folder, r"tokenizer\.json", "vocab_size 50")
 
 
 def test_real_process_exits_2_without_traceback(tmp_path):

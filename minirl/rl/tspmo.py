@@ -35,36 +35,40 @@ def update(model, prefix, completions, rewards, cfg, generator=None) -> StepStat
     """One T-SPMO update of one tree; `cfg` supplies lam, temperature, train_batch and tree_pack."""
     pairs = tspmo_pairs(completions, rewards)
     active = [pair for pair in pairs if pair.advantage != 0.0]
-    by_completion = defaultdict(list)
-    for pair in active:
-        by_completion[pair.completion].append(pair)
-    order = [] if cfg.tree_pack else sorted(by_completion)  # completions run one batch at a time
     stats = StepStats(n_loss_terms=len(pairs), n_computed=len(active))
-    if cfg.tree_pack and active:  # the whole tree in one forward (minirl/tree_pack.py)
-        logp = tree_logprobs(model, prefix, completions, active, cfg.temperature)  # (n_active,)
-        A = torch.tensor([pair.advantage for pair in active], dtype=logp.dtype, device=logp.device)
-        loss = -(torch.exp(logp) * A).sum() / len(pairs)
-        loss.backward()
-        stats.loss += loss.item()
-    for start in range(0, len(order), cfg.train_batch):
-        chunk = order[start:start + cfg.train_batch]
-        sequences = [prefix + completions[c] for c in chunk]
-        picks, advantages = [], []
-        for row, c in enumerate(chunk):
-            for pair in by_completion[c]:
-                picks.append((row, len(prefix) + pair.position))
-                advantages.append(pair.advantage)
-        logp = selected_logprobs(model, sequences, picks, cfg.temperature)  # (n_pairs,)
-        A = torch.tensor(advantages, dtype=logp.dtype, device=logp.device)
-        loss = -(torch.exp(logp) * A).sum() / len(pairs)
-        loss.backward()
-        stats.loss += loss.item()
+    if cfg.tree_pack:
+        if active:  # the whole tree in one forward (minirl/tree_pack.py)
+            logp = tree_logprobs(model, prefix, completions, active, cfg.temperature)  # (n_active,)
+            stats.loss += backward_pi_a(logp, [pair.advantage for pair in active], len(pairs))
+    else:  # the completions that hold an active pair, train_batch of them per forward
+        by_completion = defaultdict(list)
+        for pair in active:
+            by_completion[pair.completion].append(pair)
+        order = sorted(by_completion)
+        for start in range(0, len(order), cfg.train_batch):
+            chunk = order[start:start + cfg.train_batch]
+            sequences = [prefix + completions[c] for c in chunk]
+            picks, advantages = [], []
+            for row, c in enumerate(chunk):
+                for pair in by_completion[c]:
+                    picks.append((row, len(prefix) + pair.position))
+                    advantages.append(pair.advantage)
+            logp = selected_logprobs(model, sequences, picks, cfg.temperature)  # (n_pairs,)
+            stats.loss += backward_pi_a(logp, advantages, len(pairs))
     if cfg.lam > 0:
         penalty = cfg.lam * lora_l2(model)
         penalty.backward()
         stats.loss += penalty.item()
     stats.skipped = not active
     return stats
+
+
+def backward_pi_a(logp, advantages: list[float], n_pairs: int) -> float:
+    """Backpropagates this part of −(1/|U|) Σ π(v | p)·A(v | p), |U| = n_pairs; returns its value."""
+    A = torch.tensor(advantages, dtype=logp.dtype, device=logp.device)
+    loss = -(torch.exp(logp) * A).sum() / n_pairs
+    loss.backward()
+    return loss.item()
 
 
 class ReplayBuffer:
