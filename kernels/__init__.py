@@ -1,4 +1,4 @@
-"""Fused GPU kernels, installed as `minirl.kernels` (see ../shared/DESIGN.md, "Layout")."""
+"""Fused GPU kernels, installed as `minirl.kernels` (see DESIGN.md, "Layout")."""
 
 from .fused_logprobs import gathered_logprobs
 

@@ -1,7 +1,7 @@
 """Log-probabilities of chosen tokens straight from hidden states: lm_head, log-softmax and gather fused.
 
 For N rows h_i (the hidden state before each chosen token), the lm_head weight W (V × D), the chosen
-tokens t_i and the sampling temperature τ (../shared/DESIGN.md, "The math": π_θ uses logits / τ):
+tokens t_i and the sampling temperature τ (DESIGN.md, "The math": π_θ uses logits / τ):
 
     z_i    = h_i Wᵀ / τ                                          (V logits, never all stored at once)
     lse_i  = log Σ_v exp(z_iv) = m_i + log Σ_v exp(z_iv − m_i),   m_i = max_v z_iv

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minirl.errors import InputError
-from minirl.model import Qwen2, Qwen2Config
+from minirl.model import Decoder, ModelConfig
 from minirl.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -97,7 +97,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (expected a Hugging Face model folder)")
     dtype = parse_dtype(dtype)
-    config = Qwen2Config.from_json(folder / "config.json")
+    config = ModelConfig.from_json(folder / "config.json")
     files = weight_files(folder)
     tokenizer = Tokenizer.from_folder(folder)
     if tokenizer.vocab_size > config.vocab_size:
@@ -107,7 +107,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     try:
         torch.set_default_dtype(dtype)
         with torch.device("meta"):
-            model = Qwen2(config)
+            model = Decoder(config)
     finally:
         torch.set_default_dtype(default_dtype)
     model = model.to_empty(device=device)
@@ -117,7 +117,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     return model.eval(), tokenizer
 
 
-def save_pretrained(model: Qwen2, tokenizer: Tokenizer | None, path):
+def save_pretrained(model: Decoder, tokenizer: Tokenizer | None, path):
     """Write config.json, model.safetensors (tied weights once) and tokenizer.json."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Log-probabilities of chosen (row, position) tokens of a batch of sequences, without full logits.
 
 Every loss here needs log π_θ(v | prefix) for some tokens only: GRPO for each completion token, S-GRPO
-for a subset, T-SPMO for the branch-point pairs of a prefix tree (../shared/DESIGN.md, "The math").
+for a subset, T-SPMO for the branch-point pairs of a prefix tree (DESIGN.md, "The math").
 A pick (i, t) asks for
 
     log π_θ(s_i[t] | s_i[:t]) = log_softmax(lm_head(h_i[t − 1]) / τ)[s_i[t]],   t ≥ 1,

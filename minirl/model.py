@@ -9,7 +9,7 @@ rotary position embeddings (RoPE) in the "rotate half" layout. The MLP is SwiGLU
 down(silu(gate(x)) * up(x)). Keeping Hugging Face's module names (`model.layers.3.self_attn.q_proj`)
 means a checkpoint's tensor names are our parameter names, and a PEFT adapter's keys map one to one.
 
-Two things here exist for RL rather than for inference (see ../shared/DESIGN.md, "The math"):
+Two things here exist for RL rather than for inference (see DESIGN.md, "The math"):
 - `hidden_states` returns the final-norm output, so log-probs of selected tokens can be computed by
   the fused kernel without forming B×T×V logits;
 - layers below the first one that holds a trainable parameter run under `torch.no_grad()`: with LoRA
@@ -30,7 +30,7 @@ from minirl.errors import InputError
 
 
 @dataclass
-class Qwen2Config:
+class ModelConfig:
     vocab_size: int = 151936
     hidden_size: int = 1536
     intermediate_size: int = 8960
@@ -66,7 +66,7 @@ class Qwen2Config:
         need(self.rope_theta > 0, "rope_theta", "a positive number")
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "Qwen2Config":
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Read a Hugging Face Qwen2 config; refuse settings this model would silently get wrong."""
         if not isinstance(d, dict):
             raise InputError(f"{source}: expected a JSON object, got {type(d).__name__}")
@@ -88,7 +88,7 @@ class Qwen2Config:
             if required not in d:
                 raise InputError(f"{source}: missing field '{required}'")
         d.setdefault("num_key_value_heads", d["num_attention_heads"])
-        d.setdefault("tie_word_embeddings", False)  # Hugging Face's Qwen2Config default
+        d.setdefault("tie_word_embeddings", False)  # Hugging Face's ModelConfig default
         d.setdefault("max_position_embeddings", 32768)
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
@@ -106,7 +106,7 @@ class Qwen2Config:
         return config
 
     @classmethod
-    def from_json(cls, path) -> "Qwen2Config":
+    def from_json(cls, path) -> "ModelConfig":
         try:
             with open(path) as f:
                 d = json.load(f)
@@ -151,7 +151,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         D, Dh = config.hidden_size, config.head_dim
@@ -179,7 +179,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         D, F_ = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(D, F_, bias=False)
@@ -191,7 +191,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
@@ -206,15 +206,15 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     """Hugging Face's `Qwen2Model`: embedding, layers and final norm (named `model` in checkpoints)."""
 
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Qwen2(nn.Module):
-    def __init__(self, config: Qwen2Config):
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Body(config)
@@ -275,7 +275,7 @@ class Qwen2(nn.Module):
                 for _ in range(c.num_hidden_layers)]
 
 
-def init_weights(model: Qwen2, std: float = 0.02, generator: torch.Generator | None = None):
+def init_weights(model: Decoder, std: float = 0.02, generator: torch.Generator | None = None):
     """Random weights for tests and the tiny model: normal(0, std) matrices, zero biases, unit norms."""
     for name, p in model.named_parameters():
         with torch.no_grad():

@@ -92,7 +92,7 @@ from pathlib import Path
 from minirl.errors import InputError
 from minirl.kernels.fused_logprobs import chunk_width
 from minirl.lora import TARGETS, parse_layers
-from minirl.model import Qwen2Config
+from minirl.model import ModelConfig
 
 METHODS = ("grpo", "sgrpo", "tspmo")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -198,7 +198,7 @@ class Plan:
 # ----------------------------------------------------------------------------- sizes of the model
 
 
-def linear_shapes(c: Qwen2Config) -> dict[str, tuple[int, int]]:
+def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear map of a layer."""
     D, F = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -206,19 +206,19 @@ def linear_shapes(c: Qwen2Config) -> dict[str, tuple[int, int]]:
             "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
 
 
-def parameter_count(c: Qwen2Config) -> int:
+def parameter_count(c: ModelConfig) -> int:
     D, shapes = c.hidden_size, linear_shapes(c)
     biases = sum(shapes[t][1] for t in ("q_proj", "k_proj", "v_proj"))
     per_layer = sum(i * o for i, o in shapes.values()) + biases + 2 * D
     return c.vocab_size * D * (1 if c.tie_word_embeddings else 2) + D + c.num_hidden_layers * per_layer
 
 
-def lora_parameter_count(c: Qwen2Config, targets, n_layers: int, rank: int) -> int:
+def lora_parameter_count(c: ModelConfig, targets, n_layers: int, rank: int) -> int:
     shapes = linear_shapes(c)
     return n_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
-def resolve_attention(c: Qwen2Config, settings: PlanSettings) -> str:
+def resolve_attention(c: ModelConfig, settings: PlanSettings) -> str:
     """fused or math: what scaled_dot_product_attention runs for the training forward."""
     if settings.attention != "auto":
         return settings.attention
@@ -227,7 +227,7 @@ def resolve_attention(c: Qwen2Config, settings: PlanSettings) -> str:
     return "math" if cuda and gqa and settings.dtype == "fp32" else "fused"
 
 
-def saved_bytes_per_token(c: Qwen2Config, s: int, targets, grad_in: bool, attention: str = "fused",
+def saved_bytes_per_token(c: ModelConfig, s: int, targets, grad_in: bool, attention: str = "fused",
                           T: int = 0) -> int:
     """Bytes autograd keeps per token for one adapted layer (model.py's DecoderLayer, lora.py's LoRALinear).
 
@@ -275,7 +275,7 @@ def saved_bytes_per_token(c: Qwen2Config, s: int, targets, grad_in: bool, attent
     return total
 
 
-def no_grad_bytes_per_token(c: Qwen2Config, s: int, targets) -> int:
+def no_grad_bytes_per_token(c: ModelConfig, s: int, targets) -> int:
     """The widest moment of an adapted layer's forward without grad (the prefill), per token.
 
     MLP: the layer's input, the residual and the normed residual (3·s·D) with silu(gate), up and
@@ -297,7 +297,7 @@ def no_grad_bytes_per_token(c: Qwen2Config, s: int, targets) -> int:
     return max(mlp, attention)
 
 
-def forward_bytes_per_token(c: Qwen2Config, s: int, targets) -> int:
+def forward_bytes_per_token(c: ModelConfig, s: int, targets) -> int:
     """The top adapted layer's forward, above the kept activations: the MLP's product before down_proj
     (s·F), or an adapter finishing, with its base output and fp32 update (and in bf16 their fp32 sum,
     which an fp32 model returns as the output itself), whichever is wider; plus the residuals (2·s·D)."""
@@ -306,7 +306,7 @@ def forward_bytes_per_token(c: Qwen2Config, s: int, targets) -> int:
     return max([s * c.intermediate_size] + [finishing * shapes[t][1] for t in targets]) + 2 * s * c.hidden_size
 
 
-def backward_bytes_per_token(c: Qwen2Config, s: int, targets, attention: str, T: int) -> int:
+def backward_bytes_per_token(c: ModelConfig, s: int, targets, attention: str, T: int) -> int:
     """The top adapted layer's backward, above the kept activations. The MLP: the product's gradient
     while it makes those of silu(gate) and up (3·s·F), in bf16 the norm's fp32 gradient of the residual
     (4D), less a down_proj adapter's kept fp32 input (4F), released by then. Math attention, at another
@@ -347,7 +347,7 @@ def rows_per_forward(settings: PlanSettings, B: int) -> int:
     return min(B * new, 2 * (settings.group_size - 1))
 
 
-def plan_memory(config: Qwen2Config, settings: PlanSettings) -> Plan:
+def plan_memory(config: ModelConfig, settings: PlanSettings) -> Plan:
     """The predicted peak of each phase of one training step, term by term, in bytes.
 
     plan.generation and plan.update are Phases (held and transient terms, total); plan.peak is the
@@ -415,7 +415,7 @@ def logprob_workspace(N: int, V: int, D: int, s: int, triton: bool) -> int:
     return 4 * N * C + 3 * 4 * N * D + (4 * C * D if s != 4 else 0)
 
 
-def largest_group(config: Qwen2Config, settings: PlanSettings, budget: int) -> int:
+def largest_group(config: ModelConfig, settings: PlanSettings, budget: int) -> int:
     """The largest G whose planned peak fits in `budget` bytes: 0 if none, MAX_GROUP if every G does.
 
     No term falls as G grows, so fitting is monotone in G: double until it fails, then bisect.
@@ -505,13 +505,13 @@ def build_parser():
     return ap
 
 
-def load_config(args) -> Qwen2Config:
+def load_config(args) -> ModelConfig:
     if args.shape:
-        return Qwen2Config(**SHAPES[args.shape])
-    return Qwen2Config.from_json(Path(args.model) / "config.json")
+        return ModelConfig(**SHAPES[args.shape])
+    return ModelConfig.from_json(Path(args.model) / "config.json")
 
 
-def report(config: Qwen2Config, settings: PlanSettings, plan: Plan) -> str:
+def report(config: ModelConfig, settings: PlanSettings, plan: Plan) -> str:
     c, layers = config, parse_layers(settings.lora_layers, config.num_hidden_layers)
     contiguous = layers == list(range(layers[0], layers[-1] + 1))
     span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))

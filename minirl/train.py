@@ -9,7 +9,7 @@ Every random choice of step s (the problem, the samples, S-GRPO's token subsets,
 is drawn from generators seeded with (seed, s). So a run resumed from a checkpoint taken after step
 s repeats, from there on, exactly what the uninterrupted run did.
 
-The output folder (../shared/DESIGN.md, "The command line and its output folder"):
+The output folder (DESIGN.md, "The command line and its output folder"):
 config.json, metrics.jsonl, eval.jsonl, adapter/, checkpoint/, and learning_curve.png.
 """
 

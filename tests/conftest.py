@@ -11,17 +11,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from minirl.model import Qwen2, Qwen2Config, init_weights  # noqa: E402
+from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
 from minirl.tiny import char_tokenizer  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
 
 
-def random_model(seed: int = 0, **overrides) -> Qwen2:
+def random_model(seed: int = 0, **overrides) -> Decoder:
     """A Qwen2 with every parameter (biases and norms too) random, so that nothing is tested at zero."""
-    config = Qwen2Config(**{**TINY, **overrides})
-    model = init_weights(Qwen2(config))
+    config = ModelConfig(**{**TINY, **overrides})
+    model = init_weights(Decoder(config))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_model, write_hf_folder
 from minirl import generate, load_pretrained, save_pretrained
 from minirl.errors import InputError
-from minirl.model import Qwen2Config
+from minirl.model import ModelConfig
 
 CONFIGS = {
     "gqa-untied": dict(),
@@ -193,6 +193,6 @@ def test_out_of_range_token_ids_and_positions_are_errors():
 
 
 def test_config_defaults_follow_hugging_face():
-    c = Qwen2Config.from_hf_dict({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+    c = ModelConfig.from_hf_dict({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
                                   "num_hidden_layers": 1, "num_attention_heads": 2})
     assert (c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (2, 4, False)

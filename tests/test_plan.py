@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import random_model
 from minirl.lora import TARGETS, add_lora, lora_parameters
-from minirl.model import Qwen2, Qwen2Config
+from minirl.model import Decoder, ModelConfig
 from minirl.plan import (SHAPES, PlanSettings, adapter_bytes_per_token, gib, largest_group, lora_parameter_count, main,
                          parameter_count, parse_size, plan_memory, saved_bytes_per_token)
 
@@ -80,8 +80,8 @@ def test_parameter_count_matches_transformers(shape):
 
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(HFConfig(**SHAPES[shape]))
-        ours = Qwen2(Qwen2Config(**SHAPES[shape]))
-    assert parameter_count(Qwen2Config(**SHAPES[shape])) == sum(p.numel() for p in hf.parameters())
+        ours = Decoder(ModelConfig(**SHAPES[shape]))
+    assert parameter_count(ModelConfig(**SHAPES[shape])) == sum(p.numel() for p in hf.parameters())
     assert parameter_count(ours.config) == sum(p.numel() for p in ours.parameters())
 
 
@@ -154,7 +154,7 @@ def test_plan_is_within_15_percent_of_the_measured_peak_sweep(args):
     check_within_15_percent(measure(args))
 
 
-SMALL = Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+SMALL = ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 
 
@@ -176,7 +176,7 @@ def test_command_line_prints_the_plan_and_the_largest_group(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     settings = PlanSettings(dtype="bf16")
-    config = Qwen2Config(**SHAPES["qwen2-1.5b"])
+    config = ModelConfig(**SHAPES["qwen2-1.5b"])
     plan = plan_memory(config, settings)
     assert f"peak: {gib(plan.peak).strip()}" in out
     for term, n in {**plan.update.held, **plan.generation.held}.items():
@@ -186,7 +186,7 @@ def test_command_line_prints_the_plan_and_the_largest_group(capsys):
 
 def test_model_folder_reads_config_json(hf_folder, capsys):
     assert main(["--model", str(hf_folder), "--group-size", "4", "--max-new-tokens", "8", "--lora-layers", "all"]) == 0
-    config = Qwen2Config.from_json(hf_folder / "config.json")
+    config = ModelConfig.from_json(hf_folder / "config.json")
     plan = plan_memory(config, PlanSettings(group_size=4, max_new_tokens=8, lora_layers="all"))
     assert f"peak: {gib(plan.peak).strip()}" in capsys.readouterr().out
 

@@ -16,7 +16,7 @@ import torch
 from minirl import generate, load_pretrained
 from minirl.errors import InputError
 from minirl.evaluate import accuracy
-from minirl.model import Qwen2, Qwen2Config, init_weights
+from minirl.model import Decoder, ModelConfig, init_weights
 from minirl.tasks import multiplication
 from minirl.tiny import TINY_MODEL_DIR, char_tokenizer, tiny_model_path
 
@@ -60,7 +60,7 @@ def test_shipped_folder_is_small_and_matches_its_recipe(shipped):
 def test_shipped_config_round_trips(shipped):
     folder = shipped[0]
     written = json.loads((folder / "config.json").read_text())
-    assert Qwen2Config.from_json(folder / "config.json").to_hf_dict() == written
+    assert ModelConfig.from_json(folder / "config.json").to_hf_dict() == written
 
 
 def test_shipped_tokenizer_is_the_char_tokenizer(shipped):
@@ -132,7 +132,7 @@ def test_batch_labels_cover_the_answer_and_eos_only(tool):
 def test_supervised_steps_lower_the_answer_loss(tool):
     recipe = tool.Recipe(steps=40, n_test=16)
     model, tokenizer, results = tool.build(recipe, log=lambda *_: None)
-    untrained = init_weights(Qwen2(tool.tiny_config(recipe, tokenizer.vocab_size, tokenizer.eos_token_id)),
+    untrained = init_weights(Decoder(tool.tiny_config(recipe, tokenizer.vocab_size, tokenizer.eos_token_id)),
                              generator=torch.Generator().manual_seed(recipe.seed))
     problems = multiplication("train", n=256, digits=2, seed=7)
     ids, labels = tool.batch_tensors(*tool.encode_examples(tokenizer, problems), tokenizer.eos_token_id)

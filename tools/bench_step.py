@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirl.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from minirl.lora import add_lora, lora_parameters, parse_layers  # noqa: E402
-from minirl.model import Qwen2, Qwen2Config, init_weights  # noqa: E402
+from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
 from minirl.prefix_tree import tspmo_pairs  # noqa: E402
 from minirl.rl import grpo, tspmo  # noqa: E402
 from minirl.rl.sgrpo import sample_token_subset  # noqa: E402
@@ -56,7 +56,7 @@ from minirl.train import TrainConfig  # noqa: E402
 SHAPES = {
     "small": dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0),
-    "qwen2-1.5b": dict(max_position_embeddings=32768),  # Qwen2Config's defaults are Qwen2-1.5B's shape
+    "qwen2-1.5b": dict(max_position_embeddings=32768),  # ModelConfig's defaults are Qwen2-1.5B's shape
 }
 VARIANTS = ("minirl-grpo", "hf-grpo", "minirl-sgrpo", "hf-sgrpo", "minirl-tspmo", "minirl-tspmo-packed", "hf-tspmo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -264,7 +264,7 @@ def main():
         print(json.dumps(run_variant(variant, folder, json.loads(Path(group_file).read_text()), args)))
         return
 
-    config = Qwen2Config(**SHAPES[args.shape])
+    config = ModelConfig(**SHAPES[args.shape])
     prompt, completions, rewards = synthetic_group(args.group_size, args.prompt_tokens, args.max_new_tokens, config.vocab_size)
     g = torch.Generator().manual_seed(0)
     keep = [sample_token_subset(len(c), 8, 32, 0.5, g) for c in completions]  # S-GRPO's α, k, P defaults
@@ -275,7 +275,7 @@ def main():
           f"{shared} unique (prefix, token) pairs, {sum(rewards):.0f} successes")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = init_weights(Qwen2(config), generator=torch.Generator().manual_seed(0)).to(DTYPES[args.dtype])
+        model = init_weights(Decoder(config), generator=torch.Generator().manual_seed(0)).to(DTYPES[args.dtype])
         save_pretrained(model, char_tokenizer(), tmp)  # load_pretrained wants a tokenizer; the ids are synthetic
         del model
         group_file = str(Path(tmp) / "group.json")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from minirl import generate, load_pretrained, save_pretrained
 from minirl.errors import InputError
-from minirl.model import Qwen2, Qwen2Config, init_weights
+from minirl.model import Decoder, ModelConfig, init_weights
 from minirl.tasks import multiplication, reward
 from minirl.tiny import TINY_MODEL_DIR, char_tokenizer, tiny_model_path
 from minirl.tokenizer import format_prompt
@@ -77,8 +77,8 @@ def max_new_tokens(digits: int) -> int:
     return 2 * digits + len(HABIT) + 2  # at most 2d product digits, the habit, EOS, one spare
 
 
-def tiny_config(recipe: Recipe, vocab_size: int, eos_token_id: int) -> Qwen2Config:
-    return Qwen2Config(vocab_size=vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+def tiny_config(recipe: Recipe, vocab_size: int, eos_token_id: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
                        num_hidden_layers=recipe.num_hidden_layers, num_attention_heads=recipe.num_attention_heads,
                        num_key_value_heads=recipe.num_key_value_heads,
                        max_position_embeddings=recipe.max_position_embeddings, rope_theta=recipe.rope_theta,
@@ -138,7 +138,7 @@ def build(recipe: Recipe, log=print):
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     tokenizer = char_tokenizer()
-    model = Qwen2(tiny_config(recipe, tokenizer.vocab_size, tokenizer.eos_token_id))
+    model = Decoder(tiny_config(recipe, tokenizer.vocab_size, tokenizer.eos_token_id))
     init_weights(model, generator=torch.Generator().manual_seed(recipe.seed))
     train = multiplication("train", digits=recipe.digits, seed=recipe.seed)  # every pair outside the test split
     test = multiplication("test", n=recipe.n_test or None, digits=recipe.digits)

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirl.generate import generate  # noqa: E402
 from minirl.logprobs import selected_logprobs  # noqa: E402
 from minirl.lora import add_lora, disable_adapters, lora_parameters, parse_layers  # noqa: E402
-from minirl.model import Qwen2, Qwen2Config, init_weights  # noqa: E402
+from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
 from minirl.plan import (DTYPE_BYTES, add_settings_arguments, plan_memory,  # noqa: E402
                          resolve_attention, root_tokens, rows_per_forward, sequences_per_forward,
                          settings_from_args)
@@ -121,11 +121,11 @@ def training_step(model, optimizer, settings, generator) -> dict:
     return peaks
 
 
-def build(config: Qwen2Config, settings, seed: int):
+def build(config: ModelConfig, settings, seed: int):
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[settings.dtype])  # built in the base dtype: no fp32 copy on the way
     try:
-        model = init_weights(Qwen2(config), generator=torch.Generator().manual_seed(seed)).eval()
+        model = init_weights(Decoder(config), generator=torch.Generator().manual_seed(seed)).eval()
     finally:
         torch.set_default_dtype(default)
     layers = parse_layers(settings.lora_layers, config.num_hidden_layers)
@@ -161,12 +161,12 @@ def attention_kernel(config, settings):
     return contextlib.nullcontext()
 
 
-def measure(config: Qwen2Config, settings, seed: int = 0) -> dict:
+def measure(config: ModelConfig, settings, seed: int = 0) -> dict:
     """Peak bytes of each phase above the baseline, for a cold first step and a warm second one."""
     torch.manual_seed(seed)
     # A whole step of a tiny model of the same kind first: the libraries' lazy start-up (about 150 MiB
     # of code pages and thread pools where this was written) belongs in the baseline, not in the model.
-    tiny = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=config.num_hidden_layers,
+    tiny = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=config.num_hidden_layers,
                        num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=config.max_position_embeddings)
     small = replace(settings, group_size=2, max_new_tokens=4, prompt_tokens=4, gen_batch=0, train_batch=0)
@@ -210,7 +210,7 @@ def main(argv=None):
     add_settings_arguments(ap)
     ap.set_defaults(group_size=16, max_new_tokens=96, prompt_tokens=32, lora_layers="last-half", device="cpu")
     args = ap.parse_args(argv)
-    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads,
                          max_position_embeddings=4096, tie_word_embeddings=not args.untied)

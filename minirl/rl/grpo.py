@@ -1,4 +1,4 @@
-"""GRPO, one group, one update (../shared/DESIGN.md, "GRPO").
+"""GRPO, one group, one update (DESIGN.md, "GRPO").
 
 A group: G completions c_1..c_G sampled from one root prefix P, rewards R_1..R_G.
 

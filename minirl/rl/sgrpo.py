@@ -1,4 +1,4 @@
-"""S-GRPO: GRPO on a sampled subset T_i of each completion's tokens (../shared/DESIGN.md, "S-GRPO").
+"""S-GRPO: GRPO on a sampled subset T_i of each completion's tokens (DESIGN.md, "S-GRPO").
 
 Walk t = 0, 1, …, |c_i| − 1:
     t < α            → always keep t;

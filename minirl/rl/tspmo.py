@@ -1,4 +1,4 @@
-"""T-SPMO: token-specific prefix matching optimisation, and its replay (../shared/DESIGN.md, "T-SPMO").
+"""T-SPMO: token-specific prefix matching optimisation, and its replay (DESIGN.md, "T-SPMO").
 
 A group of G completions from one root prefix P forms a prefix tree. For every unique pair (p, v)
 in it — a prefix p of some completion and the token v that follows it there —
