@@ -1,4 +1,4 @@
-"""minirl: memory-constrained RL for LLM reasoning (GRPO, S-GRPO, T-SPMO) on a self-contained Qwen2.
+"""minirl: memory-constrained RL for LLM reasoning (GRPO, S-GRPO, T-SPMO) on a self-contained Qwen2/Qwen3/Llama decoder.
 
 See DESIGN.md (shipped as DESIGN.md in the repository) for the layout, the public API and the math.
 """

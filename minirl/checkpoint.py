@@ -1,4 +1,5 @@
-"""Load and save a Hugging Face Qwen2 folder: config.json, safetensors (one file or sharded), tokenizer.json.
+"""Load and save a Hugging Face Qwen2, Qwen3 or Llama folder: config.json, safetensors (one file or sharded),
+tokenizer.json, and the tokenizer's config and chat template when the folder has them.
 
 The model is built on the `meta` device (no memory), materialised empty on the target device in the
 target dtype, and then filled one tensor at a time straight from the safetensors files, so the peak
@@ -73,6 +74,10 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
                 except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                     raise InputError(f"{path}: tensor {name} cannot be read ({e})") from None
                 target = params[name]
+                if not tensor.is_floating_point():
+                    raise InputError(f"{path}: tensor {name} is {tensor.dtype}, expected floating-point weights")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise InputError(f"{path}: tensor {name} holds NaN or infinite values")
                 if tuple(tensor.shape) != tuple(target.shape):
                     wrong_shape.append(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
                     loaded.add(name)  # present, reported as misshaped rather than missing
@@ -92,7 +97,7 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) from a Hugging Face Qwen2/Qwen2.5 folder, in `dtype` on `device`, in eval mode."""
+    """(model, tokenizer) from a Hugging Face Qwen2/Qwen2.5, Qwen3 or Llama folder, in `dtype` on `device`, in eval mode."""
     folder = Path(path)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder (expected a Hugging Face model folder)")
@@ -103,6 +108,10 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     if tokenizer.vocab_size > config.vocab_size:
         raise InputError(f"{folder / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the "
                          f"config's vocab_size {config.vocab_size}")
+    outside = [i for i in tokenizer.eos_token_ids if i >= config.vocab_size]
+    if outside:
+        raise InputError(f"{folder}: end-of-sequence token id {outside[0]} is outside the vocabulary "
+                         f"[0, {config.vocab_size})")
     default_dtype = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dtype)
@@ -118,13 +127,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
 
 
 def save_pretrained(model: Decoder, tokenizer: Tokenizer | None, path):
-    """Write config.json, model.safetensors (tied weights once) and tokenizer.json."""
+    """Write config.json, model.safetensors (tied weights once) and the tokenizer's files (Tokenizer.save)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
     if tokenizer is not None:
-        config["eos_token_id"] = tokenizer.eos_token_id
+        ids = tokenizer.eos_token_ids
+        config["eos_token_id"] = ids[0] if len(ids) == 1 else ids or None
         tokenizer.save(folder)
     state = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()}  # tied: once
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -1,35 +1,229 @@
 """Batched sampling from prefixes of different lengths, with a preallocated KV cache.
 
-Prefixes are left-padded to a common length Tp, so every row writes its t-th new token into the
-same cache slot Tp + t and one decode step is one forward of B tokens. Padding is hidden by the
-attention mask, and each row's RoPE positions start at 0 on its first real token, so a padded row
-computes exactly what it would alone. A prefix is any token list — a prompt, or a prompt plus part
-of an earlier completion, which is how T-SPMO's replay restarts sampling mid-answer.
+Layout. Prefixes are left-aligned to a common length Tp in the cache, so every row writes its t-th new
+token into the same slot Tp + t and one decode step is one forward of B tokens. Slots before a short
+prefix are hidden by the attention mask, and each row's RoPE positions start at 0 on its first real
+token, so a row computes exactly what it would alone. A prefix is any token list — a prompt, or a
+prompt plus part of an earlier completion, which is how T-SPMO's replay restarts sampling mid-answer.
+
+Where the time goes (measured, DESIGN.md "Generation"), and what is done about it:
+- prefill: no padding is computed. Identical prefixes are run once (training samples G completions of
+  one root) and distinct ones are packed end to end into sequences of at most PACK_TOKENS tokens with
+  a block-diagonal causal mask; their keys and values are then copied to each row's slots.
+- sampling: torch.multinomial draws one exponential per vocabulary entry and row, which at a vocabulary
+  of 151,936 cost more than the forward of a small model. Here a token is drawn by inverting the CDF of
+  softmax(logits / τ) at one uniform u ∈ (0, 1] per row: the first i with Σ_{j≤i} p_j ≥ u · Σ_j p_j.
+  The uniforms of all steps are drawn up front from the generator, so the stream depends only on the
+  seed, B and max_new_tokens, never on when sampling stops.
+- decode steps: no host synchronisation for input checks (prefixes are checked once; sampled ids are
+  in the vocabulary by construction), RoPE's cos/sin from a table built once, the mask a view of one
+  (B, Tmax) buffer, and "all rows finished?" read every step on the CPU (where reading costs nothing)
+  but every SYNC_EVERY steps on an accelerator.
+- compile=True runs each decode step through torch.compile at static shapes (cache length rounded
+  up to a multiple of CACHE_BUCKET, the slot as a tensor), with CUDA graphs on CUDA. Where compiling
+  fails it warns once and decodes eagerly.
 """
 
+import functools
+import math
+import warnings
+from contextlib import contextmanager, nullcontext
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from minirl.errors import InputError
 
+PACK_TOKENS = 256  # tokens per packed prefill forward: big enough for efficient matmuls, small enough
+# that the block-diagonal attention (quadratic in the packed length) stays a few % of the work
+SYNC_EVERY = 8  # decode steps between "all finished?" reads on an accelerator
+SAMPLE_BLOCK = 256  # weights per block of the two-level inverse CDF (inverse_cdf)
+CACHE_BUCKET = 64  # compiled decode: the cache length is rounded up to a multiple of this, one compile per bucket
 
-def sample_next(logits, temperature: float, top_p: float, generator):
-    """One token per row from (B, V) logits: argmax when τ = 0, else softmax(logits / τ) cut to top-p."""
+
+def inverse_cdf(weights, u):
+    """Per row, the first index i with Σ_{j≤i} w_j ≥ u · Σ_j w_j: weights (B, V) ≥ 0, unnormalised, u (B,) ∈ (0, 1].
+
+    In two levels, the sums of blocks of SAMPLE_BLOCK weights, then the weights inside the block found:
+    B·(V/k + k) prefix sums instead of B·V (a prefix sum is sequential; a block sum is not). A weight of
+    0 leaves the prefix sums flat and never comes first, so a token of probability 0 is never drawn.
+    """
+    B, V = weights.shape
+    k = math.gcd(V, SAMPLE_BLOCK)  # blocks that tile V need no padded copy (151,936 = 1,187 · 128)
+    if k < 16:
+        k = SAMPLE_BLOCK
+        weights = F.pad(weights, (0, -V % k))  # zero weights fill the last block
+    blocks = weights.view(B, -1, k)  # (B, nb, k)
+    cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, nb); on the CPU a float cumsum accumulates in double
+    target = (u.to(torch.float64) * cdf[:, -1]).to(cdf.dtype)  # (B,), in (0, total]
+    j = torch.searchsorted(cdf, target[:, None]).clamp_(max=cdf.shape[1] - 1).squeeze(-1)  # (B,) block
+    before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)  # < target
+    inside = blocks[torch.arange(B, device=j.device), j].cumsum(dim=-1)  # (B, k)
+    # > 0, and at most the block's own total (block sums and prefix sums round differently)
+    rest = torch.minimum((target.double() - before.double()).to(inside.dtype), inside[:, -1])
+    return j * k + torch.searchsorted(inside, rest[:, None]).squeeze(-1)  # (B,)
+
+
+def sample_next(logits, temperature: float, top_p: float, u):
+    """One token per row from (B, V) logits: argmax when τ = 0, else softmax(logits / τ), cut to top-p,
+    drawn by its inverse CDF at u (B,) ∈ (0, 1]."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already ≥ p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float()
+    if top_p == 1.0:  # exp((l − max l) / τ): the softmax without its normalisation, which the CDF does not need
+        return inverse_cdf((logits - logits.amax(dim=-1, keepdim=True)).div_(temperature).exp_(), u)
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)  # (B, V)
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # mass before it already ≥ p
+    return order.gather(-1, inverse_cdf(probs, u)[:, None]).squeeze(-1)
+
+
+def prefill(model, prompts: list[list[int]], cache, Tp: int):
+    """Fill each row's cache slots [Tp − len, Tp) with its prefix's keys and values; return the final-norm
+    hidden state of each row's last prefix token (B, D)."""
+    device = model.lm_head.weight.device
+    rows_of = {}  # distinct prefix -> the rows that start with it
+    for i, p in enumerate(prompts):
+        rows_of.setdefault(tuple(p), []).append(i)
+    distinct = list(rows_of)
+    groups, n = [[]], 0  # consecutive distinct prefixes, packed up to PACK_TOKENS tokens each
+    for p in distinct:
+        if groups[-1] and n + len(p) > PACK_TOKENS:
+            groups.append([])
+            n = 0
+        groups[-1].append(p)
+        n += len(p)
+    last = torch.empty(len(prompts), model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
+    for group in groups:
+        lengths = torch.tensor([len(p) for p in group], device=device)
+        ids = torch.tensor([t for p in group for t in p], dtype=torch.long, device=device)[None]  # (1, n)
+        segment = torch.repeat_interleave(torch.arange(len(group), device=device), lengths)  # (n,)
+        starts = lengths.cumsum(0) - lengths
+        offset = torch.arange(ids.shape[1], device=device) - starts[segment]  # position within its prefix
+        mask = None
+        if len(group) > 1:  # causal within a prefix, nothing across prefixes
+            mask = (segment[:, None] == segment[None, :]) & (offset[None, :] <= offset[:, None])  # (n, n)
+            mask = mask[None, None]
+        packed = model.new_cache(1, ids.shape[1])
+        hidden = model.hidden_states(ids, positions=offset[None], mask=mask, cache=packed)[0]  # (n, D)
+        # Every (row, slot) that receives a packed position, and which position it receives.
+        rows, slots, source = [], [], []
+        for j, p in enumerate(group):
+            start = int(starts[j])
+            for r in rows_of[p]:
+                rows += [r] * len(p)
+                slots += range(Tp - len(p), Tp)
+                source += range(start, start + len(p))
+            last[rows_of[p]] = hidden[start + len(p) - 1]
+        rows, slots, source = (torch.tensor(x, device=device) for x in (rows, slots, source))
+        for (k, v), (pk, pv) in zip(cache, packed):  # (B, Hkv, Tmax, Dh) ← (1, Hkv, n, Dh)
+            k[rows, :, slots] = pk[0][:, source].transpose(0, 1)  # (m, Hkv, Dh)
+            v[rows, :, slots] = pv[0][:, source].transpose(0, 1)
+    return last
+
+
+def decode_step(model, token, position, slot, real, cache, cos_table, sin_table):
+    """Feed one token per row (B,) at cache slot `slot`; the final-norm hidden state (B, D).
+
+    slot: an int, and only the slots written so far are attended; or a (1,) tensor, and the whole cache
+    is (unwritten slots masked): static shapes, so torch.compile traces it once per (B, cache length).
+    """
+    if isinstance(slot, torch.Tensor):
+        real.index_fill_(1, slot, True)
+        seen = real  # (B, Tmax)
+    else:
+        real[:, slot] = True
+        seen = real[:, :slot + 1]  # (B, slot + 1)
+    rope = cos_table[position][:, None], sin_table[position][:, None]  # (B, 1, Dh) each
+    hidden = model.hidden_states(token[:, None], mask=seen[:, None, None, :], cache=cache, cache_start=slot,
+                                 rope=rope, check=False)  # (B, 1, D)
+    return hidden[:, -1]
+
+
+_compiled = {}  # device type -> decode_step through torch.compile; dynamo keeps a graph per model and shape
+_warned = set()  # device types where compiling failed: reported once, not tried again
+
+
+def default_compile(device: torch.device) -> bool:
+    """Compile by default where it pays: on CUDA, where kernel launches dominate a decode step. On the
+    CPU the matmuls dominate; compiling saved under 10% of a step and took most of a minute (DESIGN.md)."""
+    return device.type == "cuda"
+
+
+def compiled_step(model, device, *args):
+    """decode_step through torch.compile (CUDA graphs on CUDA); None where compiling fails, after one warning."""
+    if device.type in _warned:  # it failed before: a second try would fail as slowly
+        return None
+    try:
+        if device.type not in _compiled:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            _compiled[device.type] = torch.compile(decode_step, dynamic=False, mode=mode)
+        return _compiled[device.type](model, *args)
+    except Exception as e:  # no C compiler, an unsupported platform or op: decode eagerly instead
+        if device.type not in _warned:
+            _warned.add(device.type)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warnings.warn(f"minirl.generate: torch.compile failed ({type(e).__name__}: {first}); "
+                          f"decoding without it", stacklevel=3)
+        return None
+
+
+ONEDNN_MIN_WEIGHT = 2 ** 19  # decode matmuls go through oneDNN from this many weight entries up
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b by oneDNN on the plain (out, in) weight: (M, in) -> (M, out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# The same as an op torch.compile keeps opaque (inductor has no lowering of oneDNN on a plain weight). Only
+# traced code calls it: in eager mode its dispatch would cost more than the product's own call.
+onednn_linear_op = torch.library.custom_op("minirl::onednn_linear", onednn_linear, mutates_args=())
+onednn_linear_op.register_fake(lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
+
+
+def _onednn_forward(module, x):
+    linear = onednn_linear_op if torch.compiler.is_compiling() else onednn_linear
+    y = linear(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+def onednn_available(device: torch.device) -> bool:
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX"))
+
+
+@contextmanager
+def onednn_linears(model):
+    """While decoding on an x86 CPU: each large fp32 nn.Linear multiplies through oneDNN, on its own weight.
+
+    A decode step multiplies a few rows (B) by every weight matrix, so it is bound by reading the
+    weights, and MKL's sgemm, which nn.Linear calls, reads them at about half the rate oneDNN's kernel
+    does on the same (out, in) layout (the 151,936 × 896 lm_head at B = 8: 121 ms against 61 ms). Small
+    matrices stay with nn.Linear, where oneDNN's fixed cost per call is the larger. No copy is made.
+    """
+    swapped = []
+    try:
+        for m in model.modules():
+            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.numel() >= ONEDNN_MIN_WEIGHT:
+                m.forward = functools.partial(_onednn_forward, m)
+                swapped.append(m)
+        yield
+    finally:
+        for m in swapped:
+            del m.forward  # the class's forward again
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None,
-             top_p: float = 1.0) -> list[list[int]]:
-    """New tokens for each prefix; each list ends at and includes its first EOS (or runs to max_new_tokens)."""
+             top_p: float = 1.0, compile: bool | None = None, onednn: bool | None = None) -> list[list[int]]:
+    """New tokens for each prefix; each list ends at and includes its first EOS (or runs to max_new_tokens).
+
+    compile: decode through torch.compile (None: on CUDA only, default_compile). onednn: the large
+    matmuls of a decode step through oneDNN (None: on an x86 CPU). Neither changes what is sampled
+    beyond float rounding.
+    """
     if not prompts:
         return []
     if temperature < 0:
@@ -44,37 +238,45 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         raise InputError(f"a prompt of {max(lengths)} tokens plus max_new_tokens {max_new_tokens} is past the "
                          f"model's max_position_embeddings ({limit})")
     device = model.lm_head.weight.device
-    B, Tp, total = len(prompts), max(lengths), max(lengths) + max_new_tokens
-    ids = torch.zeros(B, Tp, dtype=torch.long, device=device)
-    real = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
-    for i, p in enumerate(prompts):
-        ids[i, Tp - len(p):] = torch.tensor(p, dtype=torch.long)
-        real[i, Tp - len(p):Tp] = True
-    positions = (real[:, :Tp].long().cumsum(dim=1) - 1).clamp(min=0)  # (B, Tp)
-    causal = torch.ones(Tp, Tp, dtype=torch.bool, device=device).tril()
-    eye = torch.eye(Tp, dtype=torch.bool, device=device)
-    mask = (causal & real[:, None, :Tp]) | eye  # (B, Tp, Tp); a pad query sees itself only, never NaN
+    compile = default_compile(device) if compile is None else compile
+    onednn = onednn_available(device) if onednn is None else onednn
+    B, Tp = len(prompts), max(lengths)
+    total = Tp + max_new_tokens
+    if compile:  # one compiled graph serves every call whose cache rounds up to the same length
+        total = -(-total // CACHE_BUCKET) * CACHE_BUCKET
     stop = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
                         else list(eos_token_id), dtype=torch.long, device=device)
 
     cache = model.new_cache(B, total)
-    hidden = model.hidden_states(ids, positions=positions, mask=mask[:, None], cache=cache)  # (B, Tp, D)
-    next_position = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
+    hidden = prefill(model, prompts, cache, Tp)  # (B, D); checks the prefixes' token ids
+    slots = torch.arange(total, device=device)
+    real = (slots >= Tp - torch.tensor(lengths, device=device)[:, None]) & (slots < Tp)  # (B, total): written
+    position = torch.tensor(lengths, device=device)  # (B,): each row's next RoPE position
+    cos_table, sin_table = (t[0] for t in model.rope(slots[None], hidden.dtype))  # (total, Dh) each
+    u = None
+    if temperature > 0:  # every step's uniforms at once: the stream does not depend on when sampling stops
+        u = 1 - torch.rand(max_new_tokens, B, dtype=torch.float64, generator=generator,
+                           device=device if generator is None else generator.device).to(device)  # (0, 1]
+    check_every = 1 if device.type == "cpu" else SYNC_EVERY
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
-    for t in range(max_new_tokens):
-        logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
-        token = sample_next(logits, temperature, top_p, generator)  # (B,)
-        new_tokens.append(token)
-        finished |= torch.isin(token, stop)
-        if t == max_new_tokens - 1 or bool(finished.all()):
-            break
-        real[:, Tp + t] = True
-        hidden = model.hidden_states(token[:, None], positions=next_position, mask=real[:, None, None, :Tp + t + 1],
-                                     cache=cache, cache_start=Tp + t)  # (B, 1, D)
-        next_position += 1
+    with onednn_linears(model) if onednn else nullcontext():
+        for t in range(max_new_tokens):
+            logits = model.lm_head(hidden)  # (B, V)
+            token = sample_next(logits, temperature, top_p, None if u is None else u[t])  # (B,)
+            new_tokens.append(token)
+            finished |= torch.isin(token, stop)
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+                break
+            if compile:
+                hidden = compiled_step(model, device, token, position, slots[Tp + t:Tp + t + 1], real, cache,
+                                       cos_table, sin_table)
+                compile = hidden is not None
+            if not compile:
+                hidden = decode_step(model, token, position, Tp + t, real, cache, cos_table, sin_table)
+            position += 1
 
-    rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    rows = torch.stack(new_tokens, dim=1).tolist()
     stop_ids = set(stop.tolist())
     out = []
     for row in rows:

@@ -2,7 +2,7 @@
 
 A frozen linear map y = W x + b (W: out × in) gets a trainable low-rank update (Hu et al., 2021):
 
-    y = W x + b + s · B A dropout(x),    A: (r, in),  B: (out, r),  s = lora_alpha / r
+    y = W x + b + s · B A x,    A: (r, in),  B: (out, r),  s = lora_alpha / r
 
 A starts as PEFT starts it, kaiming-uniform with a = √5, which is U(−1/√in, 1/√in); B starts at zero,
 so a fresh adapter changes nothing. The paper (DESIGN.md, "Shared setup") adapts q_proj and v_proj of
@@ -18,29 +18,22 @@ that of A and B.
 The reference policy for free. `disable_adapters(model)` switches every adapter off for the duration of
 a `with` block: GRPO's KL reference π_ref is the base model, computed by the same weights, no copy.
 
-Merging. For generation, `merged(model)` folds the update into the base weight, W ← W + s · B A
-(computed in fp32, then rounded to W's dtype), so a decode step costs exactly a base forward.
-Unmerging does not subtract the update back: in bf16, (W + ΔW) − ΔW ≠ W after rounding (the error is
-up to half a bf16 ulp, 2⁻⁹ relative, per round trip) and a training loop merges for every batch of
-samples, thousands of times, so the frozen base would drift away from the model it claims to be.
-Instead merging keeps a copy of the original W and unmerging copies it back: exact in every dtype,
-correct even if A or B changed while merged. The price is one extra copy of the adapted matrices
-while merged: for the paper's setting (q_proj and v_proj of the last 10 of Qwen2-1.5B's 28 layers,
-bf16) that is 10 · (1536² + 1536 · 256) · 2 bytes ≈ 55 MB next to a 3.1 GB model. A merged bf16 model
-does not reproduce the unmerged one bit for bit: W + ΔW is rounded to bf16, where the unmerged
-forward rounds W x + ΔW x instead. In fp32 the two agree to about 1e-6.
+No merging and no dropout. Folding s · B A into W would save each adapted map's two thin products
+(r ≪ D) per decode step, but a merged bf16 model rounds W + ΔW where training rounds W x + ΔW x, so it
+samples from a slightly different policy than the one trained, and unmerging exactly needs a copy of W.
+Dropout is a regulariser the RL losses here do not use; it is not part of what an adapter computes.
 
 File format. `save_adapter` writes what `peft.PeftModel.save_pretrained` writes: adapter_config.json
 (peft_type "LORA", r, lora_alpha, target_modules, layers_to_transform, ...) and
 adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`,
 where <module> is the module's name in this model (Hugging Face's names, e.g.
 `model.layers.3.self_attn.q_proj`). Inside the model the wrapped layer is `<module>.base`, which
-PEFT calls `<module>.base_layer`. `load_adapter` reads adapters PEFT wrote.
+PEFT calls `<module>.base_layer`. `load_adapter` reads adapters PEFT wrote (their lora_dropout is a
+training setting of PEFT's, checked and not used).
 """
 
 import json
 import math
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +48,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from minirl.checkpoint import open_safetensors
 from minirl.errors import InputError
+from minirl.files import write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -75,17 +69,15 @@ class LoRAConfig:
     layers: tuple[int, ...] = ()
     rank: int = 16
     alpha: float = 32.0
-    dropout: float = 0.0
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + s · B A dropout(x), s = alpha / rank; `base` frozen, A and B trainable fp32."""
+    """y = base(x) + s · B A x, s = alpha / rank; `base` frozen, A and B trainable fp32."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.rank, self.alpha, self.scale, self.dropout = rank, alpha, alpha / rank, dropout
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         device = base.weight.device
         A = torch.empty(rank, base.in_features, dtype=torch.float32,
                         device=device if generator is None else generator.device)
@@ -93,44 +85,17 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(A.to(device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=device))  # (out, r)
         self.enabled = True
-        self.unmerged_weight = None  # the original W while merged (see the module docstring)
-
-    @property
-    def merged(self) -> bool:
-        return self.unmerged_weight is not None
 
     def forward(self, x):
         y = self.base(x)  # (..., out), base dtype
-        if self.merged:
-            if torch.is_grad_enabled() and self.lora_A.requires_grad:
-                raise RuntimeError("LoRA: a forward with gradients while merged would leave A and B without "
-                                   "gradients; train outside `merged(model)`")
-            return y
         if not self.enabled:
             return y
         h = x.to(torch.float32)  # no copy when x is fp32 already
-        if self.dropout > 0 and self.training:
-            h = F.dropout(h, self.dropout, training=True)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale  # (..., out), fp32
         return (y + delta).to(y.dtype)  # added in fp32, rounded once
 
-    @torch.no_grad()
-    def merge(self):
-        """W ← W + s · B A, computed in fp32 and rounded to W's dtype; the original W is kept."""
-        if self.merged or not self.enabled:
-            return
-        W = self.base.weight  # (out, in)
-        self.unmerged_weight = W.clone()
-        W.copy_(W.float() + self.scale * (self.lora_B @ self.lora_A))
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight.copy_(self.unmerged_weight)
-            self.unmerged_weight = None
-
     def extra_repr(self):
-        return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}"
+        return f"rank={self.rank}, alpha={self.alpha}"
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -157,31 +122,41 @@ def last_layers(n_layers: int, fraction: Fraction) -> list[int]:
     return list(range(n_layers - k, n_layers))
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """`--lora-layers` to layer indices: all, last-half/third/quarter, last:N, a fraction (has a dot), or 0,3,5."""
-    text = str(spec).strip().lower()
-    if text in NAMED_LAYERS:
-        return last_layers(n_layers, NAMED_LAYERS[text])
+def parse_layers(spec, n_layers: int) -> list[int]:
+    """`--lora-layers` (add_lora's `layers`) to sorted layer indices. spec: None (every layer), a list of
+    indices, or text: all, last-half/third/quarter, last:N, a fraction of the last layers (has a dot), 0,3,5."""
+    if spec is None:
+        return list(range(n_layers))
 
-    def bad(why=""):
-        return InputError(f"--lora-layers: {spec!r} {why or 'is not a layer choice'}; expected {LAYER_FORMS}")
+    def bad(why="is not a layer choice"):
+        return InputError(f"--lora-layers: {spec!r} {why}; expected {LAYER_FORMS}")
 
-    try:
-        if text.startswith("last:"):
-            k = int(text.removeprefix("last:"))
-            if not 1 <= k <= n_layers:
-                raise bad(f"asks for the last {k} layers, the model has {n_layers}")
-            return list(range(n_layers - k, n_layers))
-        if "." in text:
-            fraction = Fraction(text)  # exact: "0.1" is 1/10, so rounding up never adds a layer by accident
-            if not 0 < fraction <= 1:
-                raise bad("is a fraction outside (0, 1]")
-            return last_layers(n_layers, fraction)
-        indices = [int(part) for part in text.split(",")]
-    except InputError:
-        raise
-    except ValueError:
-        raise bad() from None
+    if isinstance(spec, (list, tuple, range)):
+        indices = list(spec)
+        if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise bad("is not a non-empty list of layer indices")
+    elif not isinstance(spec, str):
+        raise bad()
+    else:
+        text = spec.strip().lower()
+        if text in NAMED_LAYERS:
+            return last_layers(n_layers, NAMED_LAYERS[text])
+        try:
+            if text.startswith("last:"):
+                k = int(text.removeprefix("last:"))
+                if not 1 <= k <= n_layers:
+                    raise bad(f"asks for the last {k} layers, the model has {n_layers}")
+                return list(range(n_layers - k, n_layers))
+            if "." in text:
+                fraction = Fraction(text)  # exact: "0.1" is 1/10, so rounding up never adds a layer by accident
+                if not 0 < fraction <= 1:
+                    raise bad("is a fraction outside (0, 1]")
+                return last_layers(n_layers, fraction)
+            indices = [int(part) for part in text.split(",")]
+        except InputError:
+            raise
+        except ValueError:
+            raise bad() from None
     for i in indices:
         if not 0 <= i < n_layers:
             raise InputError(f"--lora-layers: layer {i} is out of range, the model has {n_layers} layers "
@@ -189,35 +164,16 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     return sorted(set(indices))
 
 
-def resolve_layers(layers, n_layers: int) -> list[int]:
-    """add_lora's `layers`: None (all), a list of indices, or a float fraction of the last layers."""
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, float):
-        if not 0 < layers <= 1:
-            raise InputError(f"layers: fraction {layers} is outside (0, 1]")
-        return last_layers(n_layers, Fraction(layers).limit_denominator(10_000))  # 1/3 as a float is not 1/3
-    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
-        raise InputError(f"layers: {layers!r} is not None, a list of layer indices or a fraction in (0, 1]")
-    indices = list(layers)
-    if not indices:
-        raise InputError("layers: empty list, expected at least one layer index")
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise InputError(f"layers: {i!r} is not a layer index (an integer)")
-        if not 0 <= i < n_layers:
-            raise InputError(f"layers: index {i} is out of range, the model has {n_layers} layers")
-    return sorted(set(indices))
-
-
-def check_targets(targets) -> tuple[str, ...]:
-    names = (targets,) if isinstance(targets, str) else tuple(targets)
-    for name in names:
-        if name not in TARGETS:
-            raise InputError(f"targets: {name!r} is not a LoRA target, expected some of {', '.join(TARGETS)}")
-    if not names:
-        raise InputError(f"targets: empty, expected some of {', '.join(TARGETS)}")
-    return tuple(t for t in TARGETS if t in names)  # one canonical order: same names, same init, same files
+def parse_targets(text) -> tuple[str, ...]:
+    """`--lora-targets` ("q_proj,v_proj", or add_lora's list of names) to names in TARGETS' order: one
+    canonical order, so the same names give the same initialisation and the same files."""
+    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    names = [t for t in names if t != ""]
+    bad = [str(t) for t in names if t not in TARGETS]
+    if bad or not names:
+        raise InputError(f"--lora-targets: {','.join(bad) or 'empty'} is not a module name, "
+                         f"expected some of {','.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in names)
 
 
 def base_linear(model, layer: int, target: str) -> nn.Linear:
@@ -226,39 +182,34 @@ def base_linear(model, layer: int, target: str) -> nn.Linear:
 
 
 def add_lora(model, targets=("q_proj", "v_proj"), layers=None, rank: int = 16, alpha: float = 32,
-             dropout: float = 0.0, generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None):
     """Freeze every parameter of `model` and wrap targets × layers in LoRALinear; returns the model.
 
-    targets: names among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
-    layers: None (all), a list of indices, or a float fraction of the last layers (0.25: the last quarter).
+    targets: names among TARGETS, or "q_proj,v_proj" as --lora-targets writes them.
+    layers: None (all), a list of indices, or any --lora-layers text ("last-quarter", "0.25", "0,3,5").
     """
     if lora_modules(model):
         raise InputError("add_lora: the model already has LoRA adapters")
-    targets = check_targets(targets)
-    layers = resolve_layers(layers, len(model.model.layers))
+    targets = parse_targets(targets)
+    layers = parse_layers(layers, len(model.model.layers))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise InputError(f"rank: {rank!r} is not a positive integer")
+        raise InputError(f"--lora-rank: {rank!r} is not a positive integer")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise InputError(f"alpha: {alpha!r} is not a positive number")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise InputError(f"dropout: {dropout!r} is not a probability in [0, 1)")
+        raise InputError(f"--lora-alpha: {alpha!r} is not a positive number")
     model.requires_grad_(False)
     for i in layers:
         for t in targets:
             parent = getattr(model.model.layers[i], PARENT[t])
-            setattr(parent, t, LoRALinear(getattr(parent, t), rank, float(alpha), float(dropout), generator))
-    model.lora_config = LoRAConfig(targets, tuple(layers), rank, float(alpha), float(dropout))
+            setattr(parent, t, LoRALinear(getattr(parent, t), rank, float(alpha), generator))
+    model.lora_config = LoRAConfig(targets, tuple(layers), rank, float(alpha))
     return model
 
 
 @contextmanager
 def disable_adapters(model):
-    """Inside the block the model is its base model (π_ref); adapters, merged or not, come back after."""
+    """Inside the block the model is its base model (π_ref); the adapters come back after."""
     modules = [m for _, m in lora_modules(model)]
     was_enabled = [m.enabled for m in modules]
-    was_merged = [m for m in modules if m.merged]
-    for m in was_merged:
-        m.unmerge()
     for m in modules:
         m.enabled = False
     try:
@@ -266,54 +217,12 @@ def disable_adapters(model):
     finally:
         for m, enabled in zip(modules, was_enabled):
             m.enabled = enabled
-        for m in was_merged:
-            m.merge()
-
-
-def merge_lora(model):
-    """Fold every enabled adapter into its base weight (a no-op for those already merged)."""
-    for _, m in lora_modules(model):
-        m.merge()
-    return model
-
-
-def unmerge_lora(model):
-    """Restore every merged base weight exactly, from the copy kept by merge_lora."""
-    for _, m in lora_modules(model):
-        m.unmerge()
-    return model
-
-
-@contextmanager
-def merged(model):
-    """Merged for the block (generation), unmerged after; nested use only merges once."""
-    fresh = [m for _, m in lora_modules(model) if m.enabled and not m.merged]
-    for m in fresh:
-        m.merge()
-    try:
-        yield model
-    finally:
-        for m in fresh:
-            m.unmerge()
-
-
-def write_atomically(path: Path, data: bytes):
-    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def peft_config(cfg: LoRAConfig, base_model_name_or_path: str = "") -> dict:
     """adapter_config.json as PEFT writes it (fields PEFT omits here take PEFT's defaults on load)."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
-            "revision": None, "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+            "revision": None, "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": 0.0,
             "target_modules": list(cfg.targets), "layers_to_transform": list(cfg.layers), "layers_pattern": None,
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "use_rslora": False, "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
@@ -330,9 +239,9 @@ def save_adapter(model, path, base_model_name_or_path: str = ""):
     for name, m in lora_modules(model):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()  # (r, in)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()  # (out, r)
-    write_atomically(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_atomic(folder / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
     config = peft_config(cfg, base_model_name_or_path)
-    write_atomically(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
 
 
 def config_from_peft(d, source: Path, n_layers: int) -> LoRAConfig:
@@ -372,7 +281,7 @@ def config_from_peft(d, source: Path, n_layers: int) -> LoRAConfig:
         layers = sorted({i for i, _ in hits})
         need(hits and len(hits) == len(targets) * len(layers), "target_modules",
              "a pattern matching the same targets in every matched layer")
-        return LoRAConfig(targets, tuple(layers), rank, float(alpha), float(dropout))
+        return LoRAConfig(targets, tuple(layers), rank, float(alpha))
 
     need(isinstance(wanted, list) and wanted and all(t in TARGETS for t in wanted), "target_modules",
          f"a list of some of {', '.join(TARGETS)}")
@@ -383,8 +292,7 @@ def config_from_peft(d, source: Path, n_layers: int) -> LoRAConfig:
         need(isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers
                                               for i in layers),
              "layers_to_transform", f"null or layer indices in [0, {n_layers}) (the model has {n_layers} layers)")
-    return LoRAConfig(tuple(t for t in TARGETS if t in wanted), tuple(sorted(set(layers))), rank, float(alpha),
-                      float(dropout))
+    return LoRAConfig(tuple(t for t in TARGETS if t in wanted), tuple(sorted(set(layers))), rank, float(alpha))
 
 
 def load_adapter(model, path):
@@ -392,7 +300,7 @@ def load_adapter(model, path):
 
     A model without adapters gets them first (add_lora with the file's settings). A model that has them
     must have the same targets, layers, rank and alpha; its parameters are filled in place, so an
-    optimizer that holds them stays valid. The model's own dropout is kept.
+    optimizer that holds them stays valid.
     """
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -405,14 +313,11 @@ def load_adapter(model, path):
         raise InputError(f"{config_path}: not valid JSON ({e})") from None
     cfg = config_from_peft(d, config_path, len(model.model.layers))
     current = getattr(model, "lora_config", None)
-    if current is not None and (current.targets, current.layers, current.rank, current.alpha) != \
-            (cfg.targets, cfg.layers, cfg.rank, cfg.alpha):
+    if current is not None and current != cfg:
         raise InputError(f"{config_path}: adapter (targets {list(cfg.targets)}, layers {list(cfg.layers)}, "
                          f"r {cfg.rank}, lora_alpha {cfg.alpha}) differs from the model's (targets "
                          f"{list(current.targets)}, layers {list(current.layers)}, r {current.rank}, "
                          f"lora_alpha {current.alpha})")
-    if any(m.merged for _, m in lora_modules(model)):
-        raise RuntimeError("load_adapter: the model's adapters are merged; load outside `merged(model)`")
     if not weights_path.is_file():
         raise InputError(f"{weights_path}: file not found (only safetensors adapters are read, not .bin)")
 
@@ -444,7 +349,7 @@ def load_adapter(model, path):
         raise InputError(f"{weights_path}: tensors do not match {CONFIG_FILE}: " + " | ".join(problems))
 
     if current is None:
-        add_lora(model, cfg.targets, list(cfg.layers), cfg.rank, cfg.alpha, cfg.dropout)
+        add_lora(model, cfg.targets, list(cfg.layers), cfg.rank, cfg.alpha)
     with torch.no_grad():
         for key, (i, t, which, _) in expected.items():
             module = getattr(getattr(model.model.layers[i], PARENT[t]), t)

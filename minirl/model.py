@@ -1,15 +1,23 @@
-"""A self-contained Qwen2 / Qwen2.5 decoder, module names identical to Hugging Face's.
+"""One decoder for three Hugging Face families — Qwen2/Qwen2.5, Qwen3 and Llama (2, 3.x, SmolLM2) —
+module names identical to Hugging Face's.
 
     x = embed(ids)
     for each layer:  x = x + Attn(RMSNorm(x));  x = x + MLP(RMSNorm(x))
     logits = lm_head(RMSNorm(x))
 
-Attention is grouped-query (H query heads share Hkv key/value heads), with biases on q, k and v and
-rotary position embeddings (RoPE) in the "rotate half" layout. The MLP is SwiGLU:
-down(silu(gate(x)) * up(x)). Keeping Hugging Face's module names (`model.layers.3.self_attn.q_proj`)
-means a checkpoint's tensor names are our parameter names, and a PEFT adapter's keys map one to one.
+Attention is grouped-query (H query heads share Hkv key/value heads) with rotary position embeddings
+(RoPE) in the "rotate half" layout. The MLP is SwiGLU: down(silu(gate(x)) * up(x)). Keeping Hugging
+Face's module names (`model.layers.3.self_attn.q_proj`) means a checkpoint's tensor names are our
+parameter names, and a PEFT adapter's keys map one to one.
 
-Two things here exist for RL rather than for inference (see DESIGN.md, "The math"):
+The families differ in a few config fields (DESIGN.md, "Model families"), not in classes:
+- qkv_bias / o_bias / mlp_bias: Qwen2 has biases on q, k and v only; Llama and Qwen3 read one
+  `attention_bias` for q, k, v and o (false in every released checkpoint), Llama also `mlp_bias`;
+- qk_norm (Qwen3): an RMSNorm over each head's Dh features of q and of k, before RoPE;
+- rope_scaling (Llama 3.1/3.2, `rope_type` "llama3"): long wavelengths stretched by `factor`, short
+  ones kept, a smooth blend between (rope_inv_freq).
+
+Three things here exist for RL rather than for inference (see DESIGN.md, "The math"):
 - `hidden_states` returns the final-norm output, so log-probs of selected tokens can be computed by
   the fused kernel without forming B×T×V logits;
 - layers below the first one that holds a trainable parameter run under `torch.no_grad()`: with LoRA
@@ -19,6 +27,7 @@ Two things here exist for RL rather than for inference (see DESIGN.md, "The math
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -27,6 +36,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minirl.errors import InputError
+
+
+# model_type -> the transformers class that reads the folder back (written as `architectures`).
+FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -45,10 +59,20 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    model_type: str = "qwen2"  # a key of FAMILIES
+    qkv_bias: bool | None = None  # None: the family's own (Qwen2 true, Llama and Qwen3 false)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool | None = None  # None: the family's own (Qwen3 true)
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", and the four LLAMA3_ROPE numbers}
 
     def __post_init__(self):
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.qkv_bias is None:
+            self.qkv_bias = self.model_type == "qwen2"
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
         self.validate()
 
     def validate(self, source: str = "config"):
@@ -58,42 +82,92 @@ class ModelConfig:
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "a positive integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+                 name, "a finite positive number")
+        need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", "true or false")
+        eos = [] if self.eos_token_id is None else [self.eos_token_id] if not isinstance(self.eos_token_id, list) \
+            else self.eos_token_id
+        need(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in eos),
+             "eos_token_id", f"null, or token ids in [0, {self.vocab_size})")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"a divisor of num_attention_heads ({self.num_attention_heads})")
         need(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
-        need(self.rms_norm_eps > 0, "rms_norm_eps", "a positive number")
-        need(self.rope_theta > 0, "rope_theta", "a positive number")
+        need(self.model_type in FAMILIES, "model_type", f"one of {', '.join(map(repr, FAMILIES))}")
+        # What each family's config.json can say, so that to_hf_dict writes this same model back.
+        fixed = {"qwen2": dict(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
+                 "qwen3": dict(o_bias=self.qkv_bias, mlp_bias=False, qk_norm=True),
+                 "llama": dict(o_bias=self.qkv_bias, qk_norm=False)}[self.model_type]
+        for name, value in fixed.items():
+            need(getattr(self, name) == value, name, f"{value} for model_type {self.model_type!r}")
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            need(isinstance(s, dict) and s.get("rope_type") == "llama3", "rope_scaling", "None or a 'llama3' scaling")
+            for key in LLAMA3_ROPE:
+                value = s.get(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise InputError(f"{source}: RoPE scaling field '{key}' is {value!r}, expected a positive number")
+            if not s["high_freq_factor"] > s["low_freq_factor"]:
+                raise InputError(f"{source}: RoPE scaling field 'high_freq_factor' is {s['high_freq_factor']!r}, "
+                                 f"expected more than low_freq_factor ({s['low_freq_factor']!r})")
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
-        """Read a Hugging Face Qwen2 config; refuse settings this model would silently get wrong."""
+        """Read a Hugging Face Qwen2, Qwen3 or Llama config; refuse settings this model would silently get wrong."""
         if not isinstance(d, dict):
             raise InputError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if d.get("model_type", "qwen2") != "qwen2":
-            raise InputError(f"{source}: field 'model_type' is {d['model_type']!r}, expected 'qwen2'")
+        family = d.get("model_type", "qwen2")
+        if family not in FAMILIES:
+            raise InputError(f"{source}: field 'model_type' is {family!r}, expected one of "
+                             f"{', '.join(map(repr, FAMILIES))}")
         if d.get("use_sliding_window"):
             raise InputError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not implemented")
+        windowed = sorted(set(d.get("layer_types") or []) - {"full_attention"})
+        if windowed:
+            raise InputError(f"{source}: field 'layer_types' names {windowed[0]!r}; only 'full_attention' is implemented")
         if d.get("hidden_act", "silu") != "silu":
             raise InputError(f"{source}: field 'hidden_act' is {d['hidden_act']!r}, expected 'silu'")
         # transformers < 5 writes rope_theta and rope_scaling; transformers >= 5 writes rope_parameters.
-        rope = dict(d.get("rope_parameters") or {})
-        scaling = d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type != "default":
-            raise InputError(f"{source}: RoPE type {rope_type!r} is not implemented, expected 'default'")
+        for key in ("rope_scaling", "rope_parameters"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise InputError(f"{source}: field '{key}' is {d[key]!r}, expected an object")
+        rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "llama3"):
+            raise InputError(f"{source}: RoPE type {rope_type!r} is not implemented, expected 'default' or 'llama3'")
+        partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise InputError(f"{source}: field 'partial_rotary_factor' is {partial!r}, expected 1.0 (RoPE on every pair)")
+        scaling = None
+        if rope_type == "llama3":
+            missing = [key for key in LLAMA3_ROPE if key not in rope]
+            if missing:
+                raise InputError(f"{source}: RoPE type 'llama3' needs field '{missing[0]}'")
+            scaling = {"rope_type": "llama3", **{key: rope[key] for key in LLAMA3_ROPE}}
+        for key in ("attention_bias", "mlp_bias"):
+            if not isinstance(d.get(key, False), bool):
+                raise InputError(f"{source}: field '{key}' is {d[key]!r}, expected true or false")
         d = dict(d)
         d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if required not in d:
                 raise InputError(f"{source}: missing field '{required}'")
-        d.setdefault("num_key_value_heads", d["num_attention_heads"])
-        d.setdefault("tie_word_embeddings", False)  # Hugging Face's ModelConfig default
-        d.setdefault("max_position_embeddings", 32768)
+        if d.get("num_key_value_heads") is None:
+            d["num_key_value_heads"] = d["num_attention_heads"]
+        d.setdefault("tie_word_embeddings", False)  # the default of all three Hugging Face configs
+        d.setdefault("max_position_embeddings", 2048 if family == "llama" else 32768)
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
-        kwargs.setdefault("head_dim", 0)
+        kwargs.setdefault("head_dim", 128 if family == "qwen3" else 0)  # Qwen3Config's default is 128
         kwargs["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
+        # The family decides these; keys a family does not read (a Qwen2 config's mlp_bias) are ignored, as there.
+        attention_bias = d.get("attention_bias", False)
+        kwargs.update(model_type=family, qkv_bias=family == "qwen2" or attention_bias,
+                      o_bias=family != "qwen2" and attention_bias, mlp_bias=family == "llama" and d.get("mlp_bias", False),
+                      qk_norm=family == "qwen3", rope_scaling=scaling)
         try:
             config = cls.__new__(cls)
             for f in fields(cls):
@@ -117,9 +191,18 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict:
+        """config.json for the family's transformers class, in transformers 5's format (rope_parameters)."""
         d = asdict(self)
-        d.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
-                 use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm"):
+            del d[name]  # implied by model_type and the flags below
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        d.update(architectures=[FAMILIES[self.model_type]], hidden_act="silu", rope_parameters=rope)
+        if self.model_type != "llama":
+            d["use_sliding_window"] = False
+        if self.model_type != "qwen2":
+            d["attention_bias"] = self.o_bias
+        if self.model_type == "llama":
+            d["mlp_bias"] = self.mlp_bias
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -135,9 +218,29 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of angle position · θ^(−2i/Dh), duplicated over both halves: (B, T, Dh) each."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """RoPE's frequencies f_i = θ^(−2i/Dh), i < Dh/2, optionally with Llama 3's scaling: (Dh/2,).
+
+    Llama 3 (factor s, low/high_freq_factor l < h, original context L): a pair whose wavelength
+    λ_i = 2π / f_i is shorter than L/h turns many times within the trained context and is kept; one
+    longer than L/l is slowed to f_i / s; between, f_i ← (1 − α) f_i / s + α f_i with α = (L/λ_i − l) / (h − l).
+    The result depends on no sequence length, so positions past L need nothing more.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    s, lo, hi, L = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                         "original_max_position_embeddings"))
+    wavelength = 2 * math.pi / inv_freq
+    alpha = (L / wavelength - lo) / (hi - lo)
+    blended = (1 - alpha) * inv_freq / s + alpha * inv_freq
+    slowed = torch.where(wavelength > L / lo, inv_freq / s, blended)
+    return torch.where(wavelength < L / hi, inv_freq, slowed)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict | None = None):
+    """cos, sin of angle position · f_i (rope_inv_freq), duplicated over both halves: (B, T, Dh) each."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # (Dh/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
     angles = torch.cat([angles, angles], dim=-1)  # (B, T, Dh)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -150,29 +253,56 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def grouped_query_attention(q, k, v, mask):
+    """softmax(q kᵀ / √Dh) v for one query per row (a decode step), masked: (B, H, 1, Dh).
+
+    q: (B, H, 1, Dh); k, v: (B, Hkv, Tk, Dh); mask: bool (B, 1, 1, Tk). The G = H / Hkv query heads
+    that share a key/value head are multiplied as one (G, Dh) block, so each cached key and value is
+    read once per step; SDPA's CPU kernel reads them once per query head, G times.
+    """
+    B, H, _, Dh = q.shape
+    Hkv = k.shape[1]
+    scores = q.reshape(B, Hkv, H // Hkv, Dh) @ k.transpose(-1, -2) * Dh ** -0.5  # (B, Hkv, G, Tk)
+    weights = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return (weights @ v).view(B, H, 1, Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         D, Dh = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(D, self.n_heads * Dh, bias=True)
-        self.k_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=True)
-        self.v_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=False)
+        self.q_proj = nn.Linear(D, self.n_heads * Dh, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3: one RMSNorm weight of Dh features, shared by every head
+            self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, cache_start=0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.qk_norm:  # over each head's Dh features, before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache  # (B, Hkv, Tmax, Dh) each, preallocated
-            k_cache[:, :, cache_start:cache_start + T] = k
-            v_cache[:, :, cache_start:cache_start + T] = v
-            k, v = k_cache[:, :, :cache_start + T], v_cache[:, :, :cache_start + T]
+            if isinstance(cache_start, torch.Tensor):  # (T,) slots: static shapes for torch.compile; the
+                k_cache.index_copy_(2, cache_start, k)  # whole buffer is attended, the mask hides unwritten slots
+                v_cache.index_copy_(2, cache_start, v)
+                k, v = k_cache, v_cache
+            else:
+                k_cache[:, :, cache_start:cache_start + T] = k
+                v_cache[:, :, cache_start:cache_start + T] = v
+                k, v = k_cache[:, :, :cache_start + T], v_cache[:, :, :cache_start + T]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif T == 1 and x.device.type == "cpu":  # a decode step
+            y = grouped_query_attention(q, k, v, mask)  # (B, H, 1, Dh)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -182,9 +312,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         D, F_ = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(D, F_, bias=False)
-        self.up_proj = nn.Linear(D, F_, bias=False)
-        self.down_proj = nn.Linear(F_, D, bias=False)
+        self.gate_proj = nn.Linear(D, F_, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(D, F_, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(F_, D, bias=config.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -204,7 +334,7 @@ class DecoderLayer(nn.Module):
 
 
 class Body(nn.Module):
-    """Hugging Face's `Qwen2Model`: embedding, layers and final norm (named `model` in checkpoints)."""
+    """Hugging Face's `Qwen2Model` / `LlamaModel`: embedding, layers and final norm (named `model` in checkpoints)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -234,17 +364,26 @@ class Decoder(nn.Module):
         if int(positions.max()) >= P:
             raise InputError(f"input_ids: position {int(positions.max())} is past max_position_embeddings ({P})")
 
-    def hidden_states(self, input_ids, positions=None, mask=None, cache=None, cache_start=0):
+    def rope(self, positions, dtype):
+        """RoPE's (cos, sin) at positions (B, T), with this model's θ and scaling: (B, T, Dh) each."""
+        return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype, self.config.rope_scaling)
+
+    def hidden_states(self, input_ids, positions=None, mask=None, cache=None, cache_start=0, rope=None, check=True):
         """Final-norm hidden states (B, T, D).
 
         positions: (B, T) RoPE positions, default 0..T−1 (after cache_start when a cache is given).
         mask: bool (B, 1, T, Tk), True where a query may attend; None means plain causal.
-        cache: per-layer (k, v) buffers of shape (B, Hkv, Tmax, Dh); the T new keys go at cache_start.
+        cache: per-layer (k, v) buffers of shape (B, Hkv, Tmax, Dh); the T new keys go at cache_start,
+        an int, or a (T,) tensor of slots (then the whole buffer is attended: static shapes for torch.compile).
+        rope: (cos, sin) of these positions, (B, T, Dh) each, when the caller has them (generate's table).
+        check: False skips the token-id and position checks, each a host synchronisation; generate checks
+        its prefixes once, and the ids it samples are in the vocabulary by construction.
         """
         B, T = input_ids.shape
-        if positions is None:
+        if positions is None and rope is None:
             positions = torch.arange(cache_start, cache_start + T, device=input_ids.device).expand(B, T)
-        self.check_input_ids(input_ids, positions)
+        if check:
+            self.check_input_ids(input_ids, positions)
         if mask is None and cache is not None and cache_start > 0:
             raise ValueError("a cached forward after the first chunk needs an explicit mask")
         grad = torch.is_grad_enabled()
@@ -252,7 +391,7 @@ class Decoder(nn.Module):
         first_trainable = next((i for i, layer in enumerate(self.model.layers)
                                 if grad and any(p.requires_grad for p in layer.parameters())), len(self.model.layers))
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope if rope is not None else self.rope(positions, x.dtype)
         # Never with a KV cache: the backward's recomputation would write the layer's k and v a second time.
         recompute = self.checkpoint_layers and grad and cache is None
         for i, layer in enumerate(self.model.layers):
@@ -268,10 +407,13 @@ class Decoder(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, **kwargs))  # (B, T, V)
 
     def new_cache(self, batch_size: int, max_len: int):
-        """Preallocated key/value buffers, one (k, v) pair per layer: (B, Hkv, Tmax, Dh) each."""
+        """Preallocated key/value buffers, one (k, v) pair per layer: (B, Hkv, Tmax, Dh) each.
+
+        Zeros, not empty: a slot no token wrote is masked out, but a NaN there would still reach the
+        attention's output as 0 · NaN."""
         c, p = self.config, self.lm_head.weight
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        return [(torch.empty(shape, dtype=p.dtype, device=p.device), torch.empty(shape, dtype=p.dtype, device=p.device))
+        return [(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
                 for _ in range(c.num_hidden_layers)]
 
 

@@ -1,100 +1,52 @@
-"""Predicted peak memory of a training run, term by term: `python -m minirl.plan --shape qwen2-1.5b`.
+"""Predicted peak memory of a training run, term by term: `python -m minirl.plan --shape qwen2-1.5b --device cuda`.
 
-A training step (DESIGN.md, "The math") has two phases; the run's peak is the larger of their peaks.
+The planner reads `python -m minirl.train`'s command line and resolves it as training does
+(minirl.config: the flag, else the model folder's tuned settings, else the paper's), so it predicts
+the run the same command trains; flags that do not change memory (--lr, --steps, …) have no effect.
 
-1. Generation: G completions of one root prefix, `gen_batch` at a time (default all G), with a
-   preallocated KV cache. Held: the weights, the LoRA state, the cache. Transient, one after the
-   other: the prefill's activations, then each decode step's sampling buffers.
-2. Update: the cache is gone; `train_batch` sequences of T = T_prompt + max_new_tokens tokens go
-   through a forward whose autograd graph starts at the first adapted layer (model.py runs the
-   layers below it under no_grad), then a backward. Held: the weights, the LoRA state and its
-   gradients, the kept activations. Transient, on top of those: the top layer's forward, or its
-   backward, or the log-prob workspace, or (GRPO, S-GRPO) the KL reference forward.
+A step (DESIGN.md, "The math") has two phases; the run's peak is the larger of their peaks.
+1. Generation: G completions of one root prefix, gen_batch at a time (0: all G), into a KV cache
+   allocated whole up front. Held: the weights, the LoRA state, the cache. Transient, one after the
+   other: the prefill's activations, then a decode step's sampling buffers (the last position's
+   logits, logits / τ and its softmax in fp32; torch.multinomial adds no B×V buffer).
+2. Update: train_batch completions at a time (every method, rl/), T = T_prompt + max_new_tokens tokens
+   each, through a forward whose graph starts at the first adapted layer (model.py), then a backward.
+   Held: the weights, the LoRA state and gradients, the adapted layers' kept activations
+   (`saved_bytes_per_token`, checked against autograd's saved tensors in tests/test_plan.py; with
+   checkpoint_layers only each layer's input, the backward rebuilding one layer at a time), the final
+   norm's input, the hidden states, the RoPE tables. Transient: the top layer's forward or backward,
+   the log-prob workspace, or (GRPO, S-GRPO) the KL reference forward of the same batch without grad.
+   The frozen layers' no-grad forward is narrower than one adapted layer's kept set: never the peak.
+A replayed T-SPMO group samples only what its root leaves of the cap (rl/tspmo.py), so it is never
+longer than a fresh one and needs no case of its own.
 
 Notation: B sequences of T tokens, D hidden, F intermediate, H query and Hkv key/value heads of Dh,
 V vocabulary, L layers, r the LoRA rank, s the bytes of a base-dtype number (fp32 4, bf16 2).
+LoRA: n = Σ over adapted (layer, target) of r · (in + out), all fp32: A and B (4n), AdamW's moments
+(8n, from the first step on), the gradients (4n, update only: zero_grad(set_to_none=True)).
+KV cache: 2 [k, v] · L · B · Hkv · T · Dh · s. Attention: `resolve_attention`. Log-probs: only the N
+picked hidden rows reach the lm_head (minirl.logprobs; `rows_per_forward`, `logprob_workspace`).
 
-Weights.  s · (V·D [embedding] + V·D [lm_head, unless tied] + D [final norm] + L · (D·(H + 2Hkv)·Dh
-+ (H + 2Hkv)·Dh [q, k, v with biases] + H·Dh·D [o] + 3·D·F [gate, up, down] + 2D [norms])).
-
-LoRA.  n = Σ over adapted (layer, target) of r · (in + out). A and B are fp32 (4n), so are their
-gradients (4n, during the update only: train.py drops them with zero_grad(set_to_none=True)) and
-AdamW's two moments (8n, in both phases from the first step on).
-
-KV cache.  2 [k, v] · L · B · Hkv · (T_prompt + max_new_tokens) · Dh · s, allocated whole up front.
-
-Prefill, no grad, one layer at a time.  Its widest moment is usually the MLP: the layer's input, the
-residual after attention and the normed residual (3·s·D) with silu(gate), up and their product
-(3·s·F); adapters add their fp32 temporaries (`no_grad_bytes_per_token`). Times B · T_prompt, plus
-the bool mask (B · T_prompt²) and, with math attention, the fp32 scores and their softmax
-(2 · 4 · B · H · T_prompt²). With math attention a decode step also holds fp32 copies of one layer's
-cached k and v: k scaled (H heads), k and v repeated to H heads when Hkv < H, and in bf16 the
-upcast k and v (Hkv heads each): 4 · B · T · Dh per head copy.
-
-Sampling.  The last position's logits (s·B·V), then logits / τ and its softmax in fp32 (8·B·V;
-measured: torch.multinomial adds no B×V buffer of its own).
-
-Kept activations.  Per token of each adapted layer: `saved_bytes_per_token` (derived term by term,
-checked against torch.autograd.graph.saved_tensors_hooks in tests/test_plan.py) plus 4r for each
-adapter's A x. Per token once: the final norm's fp32 input and 1/rms (4D + 4), the final hidden
-state (s·D), the RoPE tables cos and sin (2·s·Dh). With `checkpoint_layers` an adapted layer keeps
-only its input (s·D per token), and the backward rebuilds one layer's full set at a time.
-
-Attention.  A fused kernel (flash or memory-efficient on CUDA, PyTorch's flash kernel on the CPU)
-keeps q, k, v, its output and the log-sum-exp. CUDA has no fused kernel for fp32 with grouped-query
-heads (flash needs fp16/bf16, the memory-efficient kernel refuses H ≠ Hkv), so there PyTorch falls
-back to the math path, which keeps fp32 q, k and v repeated to H heads and the B×H×T×T softmax:
-up to 4 · (3H·Dh + H·T) per token. `attention="auto"` picks what PyTorch would on `device`.
-
-Log-probs.  minirl.logprobs.selected_logprobs runs the forward, then minirl.kernels.gathered_logprobs
-on the N selected hidden rows only; it never forms N×V logits. Its PyTorch path walks the vocabulary
-in chunks of C = chunk_width(N, V) columns, N·C ≤ WORKSPACE floats (kernels/fused_logprobs.py),
-holding one fp32 (N, C) block of logits or of their gradient: 4 · N · C, plus fp32 copies of the
-rows, their gradient and one product (3 · 4 · N · D) and, for a bf16 weight, an fp32 copy of the
-weight chunk (4 · C · D, made for each product and freed after it). On CUDA the Triton path runs
-instead: one (N, C) block of the logits' gradient in the weight's dtype (s · N · C) and two fp32
-(N, D) buffers. N, rows per forward, by method:
-  grpo   every completion token: B · max_new_tokens;
-  sgrpo  at most max(α, k) tokens per completion (`sgrpo_tokens`, default 32);
-  tspmo  branch-point pairs only: a tree with G leaves has at most G − 1 nodes with two or more
-         children and at most 2(G − 1) edges leaving them, so N ≤ min(B · max_new_tokens, 2(G − 1)).
-selected_logprobs cuts each sequence after its last picked token, so S-GRPO's and T-SPMO's forwards
-are often much shorter than T; the plan assumes the worst case, a pick at the last token.
-
-Forward and backward of the top layer.  Above the kept activations, the widest moments of the top
-adapted layer: `forward_bytes_per_token` (the MLP's product, or an adapter's fp32 temporaries) and
-`backward_bytes_per_token` (the MLP's gradients; math attention's T×T gradients), per token.
-
-The frozen layers' no-grad forward comes before any activation is kept and is narrower than one
-adapted layer's kept set, so it never sets the peak and is not listed.
-
-Sequences per training forward (`train_batch`): grpo and sgrpo 1, as the paper accumulates their
-gradients one completion at a time; tspmo G, one forward over the group (the loss reads only
-branch-point rows but the forward covers every token). train.py runs T-SPMO in chunks of
---train-batch sequences: pass the same number here.
-
-Replay (T-SPMO): a replayed group's root is the prompt plus up to max_new_tokens − 1 tokens of an
-earlier completion, so its sequences are up to twice as long. `replay=True` plans for that case.
-
-What the plan leaves out, and what checks it. On CUDA it means torch.cuda.max_memory_allocated
-(what train.py logs as peak_mem_bytes); the caching allocator's reserve above that, the CUDA context
-and cuBLAS workspaces are outside it. It has been checked on the CPU only: tools/measure_peak.py
-compares it with the resident set of a real step above a warm baseline (its docstring says how);
-the libraries' first-use workspaces are outside it there, and reported apart.
+Left out: on CUDA the plan means torch.cuda.max_memory_allocated (train.py's peak_mem_bytes), so the
+allocator's reserve, the CUDA context and cuBLAS workspaces are outside it. It has been checked on the
+CPU only, by tools/measure_peak.py (its docstring says how). --tree-pack (a T×T mask) is refused.
 """
 
-import argparse
+import bisect
 import math
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from minirl.cli import positive, run_cli, tiny_defaults
+from minirl.config import TrainConfig, build_parser as train_parser, config_from_args, resumed_config
 from minirl.errors import InputError
 from minirl.kernels.fused_logprobs import chunk_width
-from minirl.lora import TARGETS, parse_layers
+from minirl.lora import parse_layers, parse_targets
 from minirl.model import ModelConfig
+from minirl.tiny import tiny_model_path
 
-METHODS = ("grpo", "sgrpo", "tspmo")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTENTION = ("auto", "fused", "math")
 MAX_GROUP = 1 << 20  # the search for the largest group size stops here
@@ -107,59 +59,11 @@ SHAPES = {
                        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                        num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
-
-
-@dataclass
-class PlanSettings:
-    """What a run does that decides its memory; the defaults are the paper's multiplication run."""
-    method: str = "tspmo"
-    group_size: int = 50  # G
-    max_new_tokens: int = 300
-    prompt_tokens: int = 60  # T_prompt, the root prefix of a group
-    lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_layers: str = "last-quarter"
-    dtype: str = "fp32"  # the base weights; LoRA is always fp32
-    device: str = "cuda"
-    attention: str = "auto"  # auto: what PyTorch picks on `device`; or fused, math
-    gen_batch: int = 0  # completions per generate call, 0 = the whole group
-    train_batch: int = 0  # sequences per training forward, 0 = the method's own (grpo, sgrpo 1; tspmo G)
-    checkpoint_layers: bool = False
-    replay: bool = False  # T-SPMO: plan for a replayed group (root up to T_prompt + max_new_tokens − 1)
-    sgrpo_tokens: int = 32  # max(α, k): S-GRPO's kept tokens per completion
-
-    def __post_init__(self):
-        if isinstance(self.lora_targets, str):  # "q_proj,v_proj", as train.py and the command line write it
-            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-
-    def validate(self):
-        def need(ok, name, expected):
-            if not ok:
-                raise InputError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is not {expected}")
-
-        need(self.method in METHODS, "method", f"one of {', '.join(METHODS)}")
-        need(self.dtype in DTYPE_BYTES, "dtype", f"one of {', '.join(DTYPE_BYTES)}")
-        need(self.attention in ATTENTION, "attention", f"one of {', '.join(ATTENTION)}")
-        need(str(self.device).split(":")[0] in ("cpu", "cuda"), "device", "cpu, cuda or cuda:N")
-        for name in ("group_size", "max_new_tokens", "prompt_tokens", "lora_rank", "sgrpo_tokens"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, "a positive integer")
-        for name in ("gen_batch", "train_batch"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "an integer ≥ 0")
-        bad = [t for t in self.lora_targets if t not in TARGETS]
-        if bad or not self.lora_targets:
-            raise InputError(f"--lora-targets: {','.join(bad) or 'empty'} is not a module name, "
-                             f"expected some of {','.join(TARGETS)}")
+SHAPES.update({"qwen2.5-" + name.removeprefix("qwen2-"): shape  # Qwen2.5 kept Qwen2's shapes at these sizes
+               for name, shape in list(SHAPES.items()) if name.startswith("qwen2-")})
 
 
 @dataclass
@@ -178,21 +82,11 @@ class Phase:
 class Plan:
     generation: Phase
     update: Phase
-    attention: str  # fused or math, as resolved
+    attention: str  # fused or math, as resolved (`resolve_attention`)
 
     @property
     def peak(self) -> int:
         return max(self.generation.total, self.update.total)
-
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        """{"generation": {term: bytes, ..., "total"}, "update": {...}, "peak": {"total"}}."""
-        out = {}
-        for name in ("generation", "update"):
-            phase = getattr(self, name)
-            transient = {f"transient: {k}": v for k, v in phase.transient.items()}
-            out[name] = {**phase.held, **transient, "total": phase.total}
-        out["peak"] = {"total": self.peak}
-        return out
 
 
 # ----------------------------------------------------------------------------- sizes of the model
@@ -207,9 +101,13 @@ def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def parameter_count(c: ModelConfig) -> int:
+    """Embedding, lm_head unless tied, final norm; per layer its linear maps, their biases where the
+    family has them (model.py), two norms and Qwen3's q and k norms."""
     D, shapes = c.hidden_size, linear_shapes(c)
-    biases = sum(shapes[t][1] for t in ("q_proj", "k_proj", "v_proj"))
-    per_layer = sum(i * o for i, o in shapes.values()) + biases + 2 * D
+    biases = {"q_proj": c.qkv_bias, "k_proj": c.qkv_bias, "v_proj": c.qkv_bias, "o_proj": c.o_bias,
+              "gate_proj": c.mlp_bias, "up_proj": c.mlp_bias, "down_proj": c.mlp_bias}
+    per_layer = sum(i * o + (o if biases[t] else 0) for t, (i, o) in shapes.items()) + 2 * D
+    per_layer += 2 * c.head_dim if c.qk_norm else 0
     return c.vocab_size * D * (1 if c.tie_word_embeddings else 2) + D + c.num_hidden_layers * per_layer
 
 
@@ -218,13 +116,15 @@ def lora_parameter_count(c: ModelConfig, targets, n_layers: int, rank: int) -> i
     return n_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
-def resolve_attention(c: ModelConfig, settings: PlanSettings) -> str:
-    """fused or math: what scaled_dot_product_attention runs for the training forward."""
-    if settings.attention != "auto":
-        return settings.attention
+def resolve_attention(c: ModelConfig, cfg: TrainConfig, attention: str = "auto") -> str:
+    """fused or math: what scaled_dot_product_attention runs for the training forward ("auto": what
+    PyTorch picks). A fused kernel (flash or memory-efficient on CUDA, flash on the CPU) keeps q, k, v,
+    its output and the log-sum-exp. CUDA has none for fp32 with grouped-query heads (flash needs
+    fp16/bf16, the memory-efficient kernel refuses H ≠ Hkv): the math path keeps the fp32 T×T softmax."""
+    if attention != "auto":
+        return attention
     gqa = c.num_key_value_heads != c.num_attention_heads
-    cuda = str(settings.device).startswith("cuda")
-    return "math" if cuda and gqa and settings.dtype == "fp32" else "fused"
+    return "math" if str(cfg.device).startswith("cuda") and gqa and cfg.dtype == "fp32" else "fused"
 
 
 def saved_bytes_per_token(c: ModelConfig, s: int, targets, grad_in: bool, attention: str = "fused",
@@ -324,68 +224,63 @@ def adapter_bytes_per_token(targets, rank: int) -> int:
 # ----------------------------------------------------------------------------- the plan
 
 
-def root_tokens(settings: PlanSettings) -> int:
-    """Tokens of a group's root prefix: the prompt, or for a replayed T-SPMO group the prompt plus at
-    most max_new_tokens − 1 tokens of an earlier completion."""
-    replayed = settings.replay and settings.method == "tspmo"
-    return settings.prompt_tokens + (settings.max_new_tokens - 1 if replayed else 0)
+def sequences_per_forward(cfg: TrainConfig) -> int:
+    return min(cfg.train_batch, cfg.group_size)
 
 
-def sequences_per_forward(settings: PlanSettings) -> int:
-    if settings.train_batch:
-        return min(settings.train_batch, settings.group_size)
-    return settings.group_size if settings.method == "tspmo" else 1
+def rows_per_forward(cfg: TrainConfig, B: int) -> int:
+    """N, the (row, token) pairs whose log-probs one training forward of B completions computes: GRPO
+    every completion token; S-GRPO at most max(α, k) each; T-SPMO branch-point pairs only, at most
+    2(G − 1) (a tree with G leaves has at most G − 1 nodes with two or more children). A forward
+    stops at its last pick; the plan assumes the worst case, a pick at the last token."""
+    if cfg.method == "grpo":
+        return B * cfg.max_new_tokens
+    if cfg.method == "sgrpo":
+        return B * min(cfg.max_new_tokens, max(cfg.sgrpo_alpha, cfg.sgrpo_k))
+    return min(B * cfg.max_new_tokens, 2 * (cfg.group_size - 1))
 
 
-def rows_per_forward(settings: PlanSettings, B: int) -> int:
-    """N, the (row, token) pairs whose log-probs one training forward of B sequences computes."""
-    new = settings.max_new_tokens
-    if settings.method == "grpo":
-        return B * new
-    if settings.method == "sgrpo":
-        return B * min(new, settings.sgrpo_tokens)
-    return min(B * new, 2 * (settings.group_size - 1))
-
-
-def plan_memory(config: ModelConfig, settings: PlanSettings) -> Plan:
-    """The predicted peak of each phase of one training step, term by term, in bytes.
-
-    plan.generation and plan.update are Phases (held and transient terms, total); plan.peak is the
-    run's peak; plan.as_dict() is {"generation": {term: bytes, "total"}, "update": ..., "peak": ...}.
-    A trainer can warn before a run: plan_memory(model.config, PlanSettings(method=..., ...)).peak
-    against torch.cuda.get_device_properties(0).total_memory.
-    """
-    settings.validate()
-    c, s = config, DTYPE_BYTES[settings.dtype]
-    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, attention: str = "auto") -> Plan:
+    """The predicted peak of each phase of one training step of the run `cfg`, term by term, in bytes:
+    Phases plan.generation and plan.update, and plan.peak. prompt_tokens estimates a root prompt.
+    A trainer can warn before a run: plan_memory(model.config, cfg).peak against the device's memory."""
+    if cfg.tree_pack:
+        raise InputError("--tree-pack: the planner does not model the packed tree (its T×T ancestor mask); "
+                         "plan the run without it")
+    if str(cfg.device).split(":")[0] not in ("cpu", "cuda"):
+        raise InputError(f"--device {cfg.device}: expected cpu, cuda or cuda:N (it decides the kernels planned)")
+    c, s = config, DTYPE_BYTES[cfg.dtype]
+    D, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
     H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    layers = parse_layers(settings.lora_layers, L)
-    targets = tuple(t for t in TARGETS if t in settings.lora_targets)
-    n_lora = lora_parameter_count(c, targets, len(layers), settings.lora_rank)
-    attention = resolve_attention(c, settings)
-    Tp = root_tokens(settings)
-    T = Tp + settings.max_new_tokens
+    layers = parse_layers(cfg.lora_layers, L)
+    targets = parse_targets(cfg.lora_targets)
+    n_lora = lora_parameter_count(c, targets, len(layers), cfg.lora_rank)
+    attention = resolve_attention(c, cfg, attention)
+    Tp, T = prompt_tokens, prompt_tokens + cfg.max_new_tokens
     if T > c.max_position_embeddings:
-        raise InputError(f"--prompt-tokens {settings.prompt_tokens} + --max-new-tokens {settings.max_new_tokens}: "
-                         f"{T} tokens is past the model's max_position_embeddings ({c.max_position_embeddings})")
+        raise InputError(f"--prompt-tokens {Tp} + --max-new-tokens {cfg.max_new_tokens}: {T} tokens is "
+                         f"past the model's max_position_embeddings ({c.max_position_embeddings})")
     weights = parameter_count(c) * s
 
-    B = min(settings.gen_batch or settings.group_size, settings.group_size)
-    scores = 2 * 4 * B * H * Tp * Tp if attention == "math" else 0
+    B = min(cfg.gen_batch or cfg.group_size, cfg.group_size)
+    # generate prefills each distinct prefix once (here one root for the B rows), into its own k, v
+    # buffers, which it then copies to every row's slots of the KV cache
+    scores = 2 * 4 * H * Tp * Tp if attention == "math" else 0
     generation = Phase(
         held={"weights": weights,
               "LoRA A, B and AdamW moments": 12 * n_lora,
               "KV cache": 2 * L * B * Hkv * T * Dh * s},
-        transient={"prefill activations": B * Tp * no_grad_bytes_per_token(c, s, targets) + B * Tp * Tp + scores,
+        transient={"prefill activations": Tp * no_grad_bytes_per_token(c, s, targets) + scores
+                                          + 2 * L * Hkv * Tp * Dh * s,
                    "sampling logits": B * V * (s + 8)})
     if attention == "math":  # one layer's cached k, v: in fp32, repeated to H heads (GQA), k scaled
         copies = H + (2 * H if H != Hkv else 0) + (2 * Hkv if s != 4 else 0)
         generation.transient["decode step, math attention"] = 4 * B * T * Dh * copies
 
-    B = sequences_per_forward(settings)
-    tokens, N = B * T, rows_per_forward(settings, B)
-    adapters = adapter_bytes_per_token(targets, settings.lora_rank)
-    if settings.checkpoint_layers:  # each adapted layer keeps its input; the backward rebuilds one at a time
+    B = sequences_per_forward(cfg)
+    tokens, N = B * T, rows_per_forward(cfg, B)
+    adapters = adapter_bytes_per_token(targets, cfg.lora_rank)
+    if cfg.checkpoint_layers:  # each adapted layer keeps its input; the backward rebuilds one at a time
         kept = len(layers) * s * D
         rebuilt = saved_bytes_per_token(c, s, targets, True, attention, T) + adapters
         forward = no_grad_bytes_per_token(c, s, targets)
@@ -401,60 +296,47 @@ def plan_memory(config: ModelConfig, settings: PlanSettings) -> Plan:
               "final norm, hidden states, RoPE tables": tokens * (4 * D + 4 + s * D + 2 * s * Dh)},
         transient={"forward of the top layer": tokens * forward,
                    "backward of the top layer": tokens * (rebuilt + backward),
-                   "log-prob workspace": logprob_workspace(N, V, D, s, str(settings.device).startswith("cuda"))})
-    if settings.method != "tspmo":  # the KL reference: a no-grad forward while the graph is held
+                   "log-prob workspace": logprob_workspace(N, V, D, s, str(cfg.device).startswith("cuda"))})
+    if cfg.method != "tspmo":  # the KL reference: a no-grad forward of the same batch while the graph is held
         update.transient["reference forward (KL)"] = tokens * no_grad_bytes_per_token(c, s, ())
     return Plan(generation, update, attention)
 
 
 def logprob_workspace(N: int, V: int, D: int, s: int, triton: bool) -> int:
-    """Bytes gathered_logprobs holds beyond its inputs (see the module docstring)."""
+    """Bytes gathered_logprobs holds beyond its inputs: one (N, C) block of logits or of their gradient,
+    C = chunk_width(N, V) (fp32 on the PyTorch path, the weight's dtype in Triton), fp32 (N, D) buffers
+    for the rows, their gradient and a product (two in Triton), and on the PyTorch path with a bf16
+    weight an fp32 copy of one weight chunk (4 · C · D)."""
     C = chunk_width(N, V)
-    if triton:  # one (N, C) block of dz in the weight's dtype, the fp32 gradient of the rows and a product
+    if triton:
         return s * N * C + 2 * 4 * N * D
     return 4 * N * C + 3 * 4 * N * D + (4 * C * D if s != 4 else 0)
 
 
-def largest_group(config: ModelConfig, settings: PlanSettings, budget: int) -> int:
+def largest_group(config: ModelConfig, cfg: TrainConfig, budget: int, **options) -> int:
     """The largest G whose planned peak fits in `budget` bytes: 0 if none, MAX_GROUP if every G does.
+    No term falls as G grows, so fitting is monotone in G and a bisection finds the edge."""
+    def peak(G):
+        return plan_memory(config, replace(cfg, group_size=G), **options).peak
 
-    No term falls as G grows, so fitting is monotone in G: double until it fails, then bisect.
-    """
-    def fits(G):
-        return plan_memory(config, replace(settings, group_size=G)).peak <= budget
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi < MAX_GROUP and fits(hi):
-        lo, hi = hi, min(2 * hi, MAX_GROUP)
-    if fits(hi):
-        return hi
-    while hi - lo > 1:  # fits(lo) and not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return bisect.bisect_right(range(1, MAX_GROUP + 1), budget, key=peak)
 
 
 # ----------------------------------------------------------------------------- command line
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """Bytes of '16GB' (10⁹ each), '15GiB' or '15G' (2³⁰ each), '800MB', or a plain number of bytes."""
-    t = str(text).strip().lower().replace(" ", "")
-    number = t.rstrip("kmgtib")
-    unit = t[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = float("nan")
-    if unit not in UNITS or not (value > 0 and math.isfinite(value)):
-        raise InputError(f"--budget: {text!r} is not a size; expected a positive number and a unit, "
-                         f"such as 16GB, 15GiB or 800MB")
-    return int(value * UNITS[unit])
+    """Bytes of '16GB' (10⁹ each), '15GiB' (2³⁰ each), '800MB'. The unit is required: a bare 16 could
+    mean bytes or gigabytes, and a guess either way plans a run that does not fit."""
+    match = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*", str(text).lower())
+    if match and match[2] in UNITS and 0 < float(match[1]) < math.inf:
+        return int(float(match[1]) * UNITS[match[2]])
+    why = "has no unit" if match and not match[2] else "is not a size"
+    raise InputError(f"--budget {text}: {why}; expected a positive number and one of B, KB, MB, GB, TB "
+                     f"(powers of 10) or KiB, MiB, GiB, TiB (powers of 2), such as 16GB or 15GiB")
 
 
 def gib(n: int) -> str:
@@ -463,68 +345,50 @@ def gib(n: int) -> str:
     return text if n >= 0.005 * 2**30 or n == 0 else f"{text} ({n / 2**20:.1f} MiB)"
 
 
-def add_settings_arguments(ap):
-    """The run's settings, named as train.py names them (shared with tools/measure_peak.py)."""
-    add = ap.add_argument
-    add("--method", default="tspmo", choices=METHODS, help="the RL method (default: tspmo)")
-    add("--group-size", type=int, default=50, help="G, completions per group (default: 50)")
-    add("--max-new-tokens", type=int, default=300, help="longest completion (default: 300)")
-    add("--prompt-tokens", type=int, default=60, help="tokens of the root prompt (default: 60)")
-    add("--lora-rank", type=int, default=8, help="LoRA rank r (default: 8)")
-    add("--lora-targets", default="q_proj,v_proj", help="comma list of adapted linear maps (default: q_proj,v_proj)")
-    add("--lora-layers", default="last-quarter",
-        help="all, last-half, last-third, last-quarter, last:N, a fraction such as 0.25, or 0,3,5 "
-             "(default: last-quarter)")
-    add("--dtype", default="fp32", choices=sorted(DTYPE_BYTES), help="dtype of the base weights (default: fp32)")
-    add("--device", default="cuda", help="cuda or cpu: decides which attention kernel runs (default: cuda)")
-    add("--attention", default="auto", choices=ATTENTION,
-        help="attention kernel: auto (what PyTorch picks on --device), fused, math (default: auto)")
-    add("--gen-batch", type=int, default=0, help="completions per generate call, 0 = all G (default: 0)")
-    add("--train-batch", type=int, default=0,
-        help="sequences per training forward, 0 = the method's own: 1 for grpo and sgrpo, G for tspmo (default: 0)")
-    add("--checkpoint-layers", action="store_true", help="activation checkpointing inside the adapted layers")
-    add("--replay", action="store_true", help="T-SPMO: plan for a replayed group, root up to prompt + max-new-tokens")
-
-
-def settings_from_args(args) -> PlanSettings:
-    return PlanSettings(method=args.method, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                        prompt_tokens=args.prompt_tokens, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
-                        lora_layers=args.lora_layers, dtype=args.dtype, device=args.device, attention=args.attention,
-                        gen_batch=args.gen_batch, train_batch=args.train_batch,
-                        checkpoint_layers=args.checkpoint_layers, replay=args.replay)
+def add_plan_arguments(ap, prompt_tokens: int = 60):
+    """What the planner needs beyond training's own flags (shared with tools/measure_peak.py)."""
+    ap.add_argument("--prompt-tokens", type=positive(int), default=prompt_tokens,
+                    help=f"tokens of a group's root prompt, the planner's estimate (default: {prompt_tokens})")
+    ap.add_argument("--attention", default="auto", choices=ATTENTION,
+                    help="attention kernel: auto (what PyTorch picks on --device), fused, math (default: auto)")
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="python -m minirl.plan", description=__doc__.split("\n\n")[0])
-    where = ap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", metavar="DIR", help="a Hugging Face Qwen2 folder (only its config.json is read)")
-    where.add_argument("--shape", choices=sorted(SHAPES), help="a built-in model shape")
-    add_settings_arguments(ap)
-    ap.add_argument("--budget", help="memory to fit in, such as 16GB (10⁹ bytes) or 15GiB (2³⁰ bytes): "
-                                     "also print the largest G that fits")
+    """Training's command line (minirl.config), so that a training command plans as it is, and the
+    planner's own flags."""
+    ap = train_parser()
+    ap.prog, ap.description = "python -m minirl.plan", "\n\n".join(__doc__.split("\n\n")[:2])
+    ap.add_argument("--shape", choices=sorted(SHAPES),
+                    help="a built-in model shape instead of --model, with the paper's defaults")
+    add_plan_arguments(ap)
+    ap.add_argument("--budget", help="memory to fit in, with its unit: 16GB (10⁹ bytes) or 15GiB (2³⁰ bytes); "
+                                     "a bare number is refused. Also prints the largest G that fits")
     return ap
 
 
-def load_config(args) -> ModelConfig:
+def run_config(args) -> tuple[ModelConfig, TrainConfig]:
+    """The model's shape and the settings `python -m minirl.train` would run with these flags: on --model
+    (none: the tiny model) its config.json and its tuned settings, as training takes them."""
     if args.shape:
-        return ModelConfig(**SHAPES[args.shape])
-    return ModelConfig.from_json(Path(args.model) / "config.json")
+        if args.model or args.resume:
+            raise InputError(f"--shape {args.shape}: give --shape or --model/--resume, not both")
+        return ModelConfig(**SHAPES[args.shape]), config_from_args(args, {})
+    cfg = resumed_config(args) if args.resume else config_from_args(args, tiny_defaults(args.model))
+    return ModelConfig.from_json((tiny_model_path() if cfg.model is None else Path(cfg.model)) / "config.json"), cfg
 
 
-def report(config: ModelConfig, settings: PlanSettings, plan: Plan) -> str:
-    c, layers = config, parse_layers(settings.lora_layers, config.num_hidden_layers)
-    contiguous = layers == list(range(layers[0], layers[-1] + 1))
-    span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
+def report(config: ModelConfig, cfg: TrainConfig, plan: Plan, prompt_tokens: int) -> str:
+    c, layers = config, parse_layers(cfg.lora_layers, config.num_hidden_layers)
+    span = f"{layers[0]}-{layers[-1]}" if len(layers) == layers[-1] - layers[0] + 1 else ",".join(map(str, layers))
     lines = [f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
              f"{c.num_attention_heads}/{c.num_key_value_heads} query/kv heads, vocab {c.vocab_size}: "
-             f"{parameter_count(c) / 1e9:.3f} B parameters in {settings.dtype}",
-             f"run: {settings.method}, G = {settings.group_size}, {settings.prompt_tokens} prompt + "
-             f"{settings.max_new_tokens} new tokens{' (replayed root)' if settings.replay else ''}, LoRA r = "
-             f"{settings.lora_rank} on {','.join(settings.lora_targets)} of layers {span}, {plan.attention} attention "
-             f"on {settings.device}{', activation checkpointing' if settings.checkpoint_layers else ''}"]
-    B_gen = min(settings.gen_batch or settings.group_size, settings.group_size)
+             f"{parameter_count(c) / 1e9:.3f} B parameters in {cfg.dtype}",
+             f"run: {cfg.method}, G = {cfg.group_size}, {prompt_tokens} prompt + {cfg.max_new_tokens} new tokens, "
+             f"LoRA r = {cfg.lora_rank} on {','.join(parse_targets(cfg.lora_targets))} of layers {span}, "
+             f"{plan.attention} attention on {cfg.device}{', activation checkpointing' if cfg.checkpoint_layers else ''}"]
+    B_gen = min(cfg.gen_batch or cfg.group_size, cfg.group_size)
     for name, phase, note in (("generation", plan.generation, f"{B_gen} sequences per generate call"),
-                              ("update", plan.update, f"{sequences_per_forward(settings)} sequences per forward")):
+                              ("update", plan.update, f"{sequences_per_forward(cfg)} sequences per forward")):
         lines.append(f"{name} ({note}):")
         lines += [f"  {term:<48}{gib(n)}" for term, n in phase.held.items()]
         largest = max(phase.transient, key=phase.transient.get)
@@ -538,25 +402,17 @@ def report(config: ModelConfig, settings: PlanSettings, plan: Plan) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args)
-        settings = settings_from_args(args)
-        plan = plan_memory(config, settings)
-        budget = parse_size(args.budget) if args.budget else None
-        print(report(config, settings, plan))
+    def run(args):
+        budget = parse_size(args.budget) if args.budget is not None else None
+        config, cfg = run_config(args)
+        options = dict(prompt_tokens=args.prompt_tokens, attention=args.attention)
+        print(report(config, cfg, plan_memory(config, cfg, **options), args.prompt_tokens))
         if budget is not None:
-            G = largest_group(config, settings, budget)
-            if G == 0:
-                print(f"budget {gib(budget).strip()}: not even G = 1 fits")
-            elif G == MAX_GROUP:
-                print(f"budget {gib(budget).strip()}: every G up to {MAX_GROUP} fits (no term grows with G here)")
-            else:
-                print(f"budget {gib(budget).strip()}: the largest group that fits is G = {G}")
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            G = largest_group(config, cfg, budget, **options)
+            fits = {0: "not even G = 1 fits", MAX_GROUP: f"every G up to {MAX_GROUP} fits (no term grows with G here)"}
+            print(f"budget {gib(budget).strip()}: {fits.get(G, f'the largest group that fits is G = {G}')}")
+
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

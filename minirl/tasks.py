@@ -1,33 +1,25 @@
-"""The two tasks — n-digit multiplication and SVAMP — and their reward (DESIGN.md, "Reward" and "Data").
+"""The tasks — n-digit multiplication, SVAMP and the user's own JSONL file (DESIGN.md, "Data").
 
 A task is a list of `Problem`s: the question text (before any prompt style is applied) and the
-integer answer. Both tasks have a fixed held-out test split, so accuracies compare from run to run:
-the draws below use only `random.Random(seed).random()`, the one part of Python's `random` whose
-sequence is guaranteed not to change between Python versions.
-
-Reward. R = 1.0 when the last integer in the decoded completion equals the answer, else 0.0.
-An integer, as `last_integer` reads it:
-  - ASCII digits, with commas allowed only as thousands separators: "1,234" is 1234, while
-    "1, 2, 3" and "1,2,3" are lists whose last integer is 3;
-  - a minus sign ("-" or the Unicode "−") is kept unless it follows a letter, digit or closing
-    bracket, where it reads as a subtraction: "is -5" gives −5, "12-5" gives 5;
-  - a decimal point followed by digits makes a decimal: "12.0" counts as 12 (a whole number
-    written as a decimal, as SVAMP's own file writes its answers), "12.5" is no integer at all and is
-    skipped (neither 12 nor 5), ".5" too; a period not followed by a digit ends a sentence: "is 408." is 408;
-  - anything may follow the number: "408 apples", "12abc".
-No integer in the text gives 0.0.
+answer, an int when whole and a fractions.Fraction otherwise (minirl/reward.py scores completions
+against it). The built-in tasks have a fixed held-out test split, so accuracies compare from run to
+run: the draws below use only `random.Random(seed).random()`, the one part of Python's `random` whose
+sequence is guaranteed not to change between Python versions. A JSONL task's splits are its two files.
 """
 
 import json
 import math
 import random
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from minirl.errors import InputError
+from minirl.reward import exact, last_number, reward  # noqa: F401  (reward: its import path before reward.py)
 
-TASKS = ("multiplication", "svamp")
+# Worded arithmetic for chat models: name -> (operator, digits of a, digits of b) (worded(), below).
+WORDED = {"addition-2+2": ("+", 2, 2), "multiplication-2x1": ("*", 2, 1), "multiplication-2x2": ("*", 2, 2)}
+TASKS = ("multiplication", "svamp", "jsonl", *WORDED)
 SPLITS = ("train", "test")
 
 # Fixed forever: changing either changes the test sets and breaks comparisons with earlier runs.
@@ -46,33 +38,8 @@ SVAMP_INSTRUCTION = "End your reply with the final answer as a number."
 @dataclass(frozen=True)
 class Problem:
     question: str  # what the model is asked, before tokenizer.format_prompt applies a style
-    answer: int
-
-
-# ----------------------------------------------------------------------------- reward
-
-NUMBER = re.compile(
-    r"(?:(?<![\w)\]])(?P<minus>[-\u2212]))?"  # a sign, unless it reads as a subtraction
-    r"(?<![0-9.])(?P<whole>[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)"  # thousands groups, or plain digits
-    r"(?:\.(?P<fraction>[0-9]+))?"
-)
-
-
-def last_integer(text: str) -> int | None:
-    """The last integer in `text` under the rules of the module docstring, or None."""
-    value = None
-    for match in NUMBER.finditer(text):
-        if match["fraction"] and match["fraction"].strip("0"):
-            continue  # 12.5 is not an integer, and neither of its parts is one
-        n = int(match["whole"].replace(",", ""))
-        value = -n if match["minus"] else n
-    return value
-
-
-def reward(text: str, answer: int) -> float:
-    """R = 1.0 if the last integer in the decoded text equals the answer, else 0.0."""
-    value = last_integer(text)
-    return 1.0 if value is not None and value == answer else 0.0
+    answer: int | Fraction  # int when whole
+    source: str = field(default="", compare=False)  # "FILE, line N" for a JSONL record, for error messages
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -221,10 +188,134 @@ def svamp(split: str, n: int | None = None) -> list[Problem]:
     return [problems[i] for i in indices[:n]]
 
 
-def load_task(name: str, split: str, n: int | None = None, digits: int = 3, seed: int = 0) -> list[Problem]:
-    """The problems of one task's split; `digits` and `seed` matter only to multiplication's draws."""
+# ----------------------------------------------------------------------------- JSONL: the user's own problems
+
+def read_answer(value):
+    """A record's answer: a JSON number as it is, or text whose number is read, under the numeric reward's
+    rules (minirl/reward.py), from the part after the last "####" when there is one (a GSM8K solution
+    ends in "#### 42") and else from the last number of the text. None when there is no number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Fraction):  # a JSON decimal, parsed exactly (load_jsonl's parse_float)
+        return exact(value)
+    if isinstance(value, str):
+        return last_number(value.rpartition("####")[2])
+    return None
+
+
+def load_jsonl(path) -> list[Problem]:
+    """Every record of a JSONL file, in file order.
+
+    One JSON object per line, with "question" (non-empty text, before a prompt style is applied) and
+    "answer" (see read_answer); other fields are ignored, blank lines skipped. UTF-8 only.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the JSONL file ({e.strerror or e})") from None
+    problems = []
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        where = f"{path}, line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                             f"JSONL files must be UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, parse_float=Fraction)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # a number of over 4,300 digits, nesting too deep
+            raise InputError(f"{where}: not readable JSON ({type(e).__name__}: {str(e)[:80]})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: expected a JSON object with 'question' and 'answer', got {short(record)}")
+        for name in ("question", "answer"):
+            if name not in record:
+                raise InputError(f"{where}: field {name!r} is missing")
+        question = record["question"]
+        if not isinstance(question, str) or not question.strip():
+            raise InputError(f"{where}: field 'question': expected non-empty text, got {short(question)}")
+        answer = read_answer(record["answer"])
+        if answer is None:
+            raise InputError(f"{where}: field 'answer': expected a number, or text with one (after '####' "
+                             f"if present), got {short(record['answer'])}")
+        problems.append(Problem(question, answer, where))
+    if not problems:
+        raise InputError(f"{path}: no records; expected one JSON object per line with 'question' and 'answer'")
+    return problems
+
+
+def jsonl(split: str, path, n: int | None = None) -> list[Problem]:
+    """One split of a JSONL task: the file's records in file order, the first n with n.
+
+    The file is the split: training draws its problems from the train file at random, as from a
+    built-in train split, and evaluates on the first n of the test file.
+    """
+    check_split(split)
+    problems = load_jsonl(path)
+    check_n(n, len(problems), f"file {path}")
+    return problems[:n]
+
+
+# ----------------------------------------------------------------------------- worded arithmetic
+
+WORDED_TEST_SIZE = 300  # n of the held-out split, as SVAMP's
+# "Answer with only the number." left 17-74% of SmolLM2-135M-Instruct's greedy answers unfinished at 64 tokens
+# ("To solve this, …"); this wording finishes 96-98% at 32 (tools/real_model_baseline.py, n = 300).
+WORDED_INSTRUCTION = "Reply with the number only, nothing else."
+
+
+def worded(name: str, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+    """WORDED[name] as a chat model is asked it: "What is 47 * 8? Reply with the number only, nothing else.".
+
+    Operands come from factor_range (2-digit: 11..99, 1-digit: 2..9). Without the instruction a small
+    instruct model explains at length and the number comes late or never (tools/real_model_baseline.py
+    measures how many answers finish within a token budget). test: WORDED_TEST_SIZE ordered pairs,
+    fixed by MULTIPLICATION_TEST_SEED and the name whatever `seed` says, its first n when n is given;
+    train: the other pairs, n of them (default: all), drawn with `seed`, each pass over them a fresh
+    shuffle, as in multiplication's train split.
+    """
+    check_split(split)
+    op, digits_a, digits_b = WORDED[name]
+    (lo_a, hi_a), (lo_b, hi_b) = factor_range(digits_a), factor_range(digits_b)
+    m = hi_b - lo_b + 1
+    space = (hi_a - lo_a + 1) * m
+    test_seed = MULTIPLICATION_TEST_SEED + 1000 + 100 * digits_a + 10 * digits_b + "+*".index(op)
+    test = draw_distinct(random.Random(test_seed), space, WORDED_TEST_SIZE)
+    if split == "test":
+        check_n(n, len(test), f"{name} test split")
+        indices = test[:n]
+    else:
+        check_n(n)
+        free = space - len(test)
+        k = free if n is None else n
+        rng, exclude, indices = random.Random(seed), frozenset(test), []
+        while len(indices) < k:
+            indices += draw_distinct(rng, space, min(k - len(indices), free), exclude)
+    pairs = [(lo_a + i // m, lo_b + i % m) for i in indices]
+    return [Problem(f"What is {a} {op} {b}? {WORDED_INSTRUCTION}", a + b if op == "+" else a * b) for a, b in pairs]
+
+
+def load_task(name: str, split: str, n: int | None = None, digits: int = 3, seed: int = 0,
+              path=None) -> list[Problem]:
+    """The problems of one task's split; `digits` and `seed` matter only to multiplication's draws,
+    `path` (the split's file) only to jsonl, which needs it."""
+    if name == "jsonl":
+        check_split(split)
+        if path is None:
+            raise InputError(f"path: task jsonl reads its {split} split from a file; none given (--{split}-file)")
+        return jsonl(split, path, n)
+    if path is not None and name in TASKS:
+        raise InputError(f"path: task {name} is built in and reads no file, got {path}")
     if name == "multiplication":
         return multiplication(split, n=n, digits=digits, seed=seed)
     if name == "svamp":
         return svamp(split, n=n)
+    if name in WORDED:
+        return worded(name, split, n=n, seed=seed)
     raise InputError(f"task: expected one of {', '.join(TASKS)}, got {name!r}")

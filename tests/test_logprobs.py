@@ -49,6 +49,36 @@ def test_values_and_gradients_match_the_full_logits(data, tau, tied):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_lm_head_gradients_match_the_materialised_logits(dtype, tied):
+    """The LoRA case: lm_head frozen (tied: the embedding with it), so the kernel accumulates dh in its forward.
+    Reference: the same hidden states, every logit in fp32, log_softmax, gather, autograd through the body.
+    bf16: the body runs in bf16 on both sides; only dh differs, by its rounding (a few bf16 eps)."""
+    model = random_model(3, tie_word_embeddings=tied).to(dtype)
+    model.lm_head.weight.requires_grad_(False)
+    sequences = [[3, 14, 15, 92, 65, 35, 89], [79, 32, 38], [46, 26, 43, 38, 32, 79, 50, 28]]
+    picks = [(0, 1), (0, 6), (1, 2), (2, 3), (2, 7), (0, 6)]
+    weights = torch.randn(len(picks), generator=torch.Generator().manual_seed(1))
+    names = [n for n in CHECKED if n != "model.embed_tokens.weight" or not tied]
+
+    def materialised():
+        out = []
+        for i, t in picks:
+            hidden = model.hidden_states(torch.tensor([sequences[i][:t]]))[0, -1].float()  # (D,)
+            logp = torch.log_softmax(hidden @ model.lm_head.weight.float().T / 0.7, dim=-1)  # (V,)
+            out.append(logp[sequences[i][t]])
+        return torch.stack(out)
+
+    torch.testing.assert_close(selected_logprobs(model, sequences, picks, 0.7), materialised(), atol=1e-4, rtol=1e-4)
+    got = grads(model, lambda: selected_logprobs(model, sequences, picks, 0.7), weights, names)
+    expected = grads(model, materialised, weights, names)
+    assert model.lm_head.weight.grad is None
+    tol = 1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * float(b.float().abs().max()))
+
+
 def test_one_forward_cut_after_the_last_pick_and_no_full_logits():
     model = random_model(1)
     sequences = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17], [5, 5, 5, 5, 5, 5, 5, 5, 5]]

@@ -3,19 +3,18 @@
 import copy
 import json
 import math
-from fractions import Fraction
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import minirl.lora as lora_module
+import minirl.files
 from conftest import random_model, write_hf_folder
 from minirl import load_pretrained
 from minirl.errors import InputError
 from minirl.lora import (TARGETS, LoRALinear, add_lora, disable_adapters, load_adapter, lora_l2, lora_modules,
-                         lora_parameters, merge_lora, merged, parse_layers, save_adapter, unmerge_lora)
+                         lora_parameters, parse_layers, parse_targets, save_adapter)
 
 IDS = torch.tensor([[3, 17, 42, 5, 60, 11, 2], [8, 8, 90, 1, 33, 4, 70]])  # (B, T)
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -80,32 +79,21 @@ def test_lora_linear_bf16_base_fp32_adapter_matches_the_formula():
     assert base.weight.grad is None and base.bias.grad is None
 
 
-def test_dropout_applies_to_the_adapter_input_in_training_only():
-    g = torch.Generator().manual_seed(3)
-    layer = LoRALinear(torch.nn.Linear(16, 8), rank=2, alpha=4.0, dropout=0.5, generator=g)
-    randomize([layer.lora_B], 4)
-    x = torch.randn(4, 16, generator=g)
-    clean = layer.base(x) + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
-    torch.testing.assert_close(layer.eval()(x), clean)
-    torch.manual_seed(5)
-    y = layer.train()(x)
-    torch.manual_seed(5)
-    dropped = torch.nn.functional.dropout(x, 0.5, training=True)  # the same mask: base(x) draws no numbers
-    torch.testing.assert_close(y, layer.base(x) + 2.0 * (dropped @ layer.lora_A.T @ layer.lora_B.T))
-    assert not torch.allclose(y, clean)
-
-
 # --- add_lora over ranks, targets and layers ----------------------------------------------------------
+
+SPECS_OF_3_LAYERS = {"all": [0, 1, 2], "last-half": [1, 2], "last-third": [2], "0.25": [2], "0.5": [1, 2],
+                     "last:2": [1, 2], "2,0": [0, 2]}  # ⌈3 · fraction⌉ of the last layers, at least one
+
 
 @settings(max_examples=8, deadline=None)
 @given(rank=st.integers(1, 6), targets=st.sets(st.sampled_from(TARGETS), min_size=1),
        layers=st.one_of(st.none(), st.lists(st.integers(0, 2), min_size=1, max_size=3),
-                        st.sampled_from([0.25, 1 / 3, 0.5, 1.0])), seed=st.integers(0, 1000))
+                        st.sampled_from(sorted(SPECS_OF_3_LAYERS))), seed=st.integers(0, 1000))
 def test_add_lora_adapts_exactly_the_chosen_modules(rank, targets, layers, seed):
     n = 3
     base, model = lora_model(seed, n_layers=n, targets=tuple(targets), layers=layers, rank=rank, alpha=2.0 * rank)
     chosen = (range(n) if layers is None else sorted(set(layers)) if isinstance(layers, list)
-              else range(n - max(1, math.ceil(n * Fraction(layers).limit_denominator(100))), n))
+              else SPECS_OF_3_LAYERS[layers])
     assert {name for name, _ in lora_modules(model)} == expected_names(targets, chosen)
     assert model.lora_config.layers == tuple(chosen) and set(model.lora_config.targets) == targets
 
@@ -144,7 +132,7 @@ def test_lora_l2_is_the_sum_of_squares_of_every_a_and_b():
         torch.testing.assert_close(p.grad, 2 * p.detach())
 
 
-# --- disable, merge -----------------------------------------------------------------------------------
+# --- disable -----------------------------------------------------------------------------------------
 
 def test_disable_adapters_gives_the_base_model_and_restores_the_adapters():
     base, model = lora_model(3, rank=4, alpha=8)
@@ -161,49 +149,10 @@ def test_disable_adapters_gives_the_base_model_and_restores_the_adapters():
     assert torch.equal(model(IDS), adapted)
 
 
-def test_merged_equals_unmerged_and_unmerge_restores_the_weights_exactly():
-    base, model = lora_model(4, targets=TARGETS, layers=[1, 3], rank=4, alpha=8)
-    originals = {n: m.base.weight.clone() for n, m in lora_modules(model)}
-    with torch.no_grad():
-        unmerged_logits = model(IDS)
-        with merged(model):
-            assert all(m.merged for _, m in lora_modules(model))
-            merged_logits = model(IDS)
-            with merged(model):  # nested: nothing merged twice
-                torch.testing.assert_close(model(IDS), merged_logits, atol=0, rtol=0)
-            assert all(m.merged for _, m in lora_modules(model))
-            with disable_adapters(model):  # the reference policy while merged
-                assert torch.equal(model(IDS), base(IDS))
-            assert all(m.merged for _, m in lora_modules(model))
-            torch.testing.assert_close(model(IDS), merged_logits, atol=1e-6, rtol=0)
-    assert (merged_logits - unmerged_logits).abs().max() <= 1e-5
-    assert all(torch.equal(m.base.weight, originals[n]) and not m.merged for n, m in lora_modules(model))
-    merge_lora(model)
-    with pytest.raises(RuntimeError, match="merged"):
-        model(IDS)  # gradients enabled: A and B would silently get none
-    unmerge_lora(model)
-    assert torch.equal(model(IDS), unmerged_logits)
-
-
-def test_bf16_merge_unmerge_cycles_never_drift():
-    model = add_lora(random_model(5, num_hidden_layers=2).to(torch.bfloat16), rank=4, alpha=8,
-                     generator=torch.Generator().manual_seed(5))
-    randomize(lora_parameters(model), 6)
-    originals = {n: m.base.weight.clone() for n, m in lora_modules(model)}
-    with torch.no_grad():
-        unmerged_logits = model(IDS).float()
-        for _ in range(20):
-            with merged(model):
-                merged_logits = model(IDS).float()
-    assert all(torch.equal(m.base.weight, originals[n]) for n, m in lora_modules(model))
-    # W + ΔW rounded to bf16 differs from rounding W x + ΔW x: close, not equal
-    assert (merged_logits - unmerged_logits).abs().max() < 0.1 * unmerged_logits.abs().max()
-
-
 # --- files --------------------------------------------------------------------------------------------
 
 def test_save_then_load_gives_identical_tensors(tmp_path):
-    _, model = lora_model(6, targets=("k_proj", "gate_proj"), layers=0.5, rank=3, alpha=5)
+    _, model = lora_model(6, targets="gate_proj,k_proj", layers="last-half", rank=3, alpha=5)
     save_adapter(model, tmp_path / "a" / "adapter", base_model_name_or_path="some/base")
     config = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["layers_to_transform"]) == ("LORA", 3, 5, [2, 3])
@@ -235,7 +184,7 @@ def test_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora_module.os, "replace", crash)
+    monkeypatch.setattr(minirl.files.os, "replace", crash)
     with pytest.raises(OSError):
         save_adapter(model, tmp_path)
     monkeypatch.undo()
@@ -244,10 +193,16 @@ def test_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(lora_parameters(loaded), saved))
 
 
-def test_peft_reads_a_minirl_adapter(tmp_path):
+# Per family: Qwen2's q/k/v biases, Qwen3's q_norm/k_norm beside the adapted q_proj, Llama's o_proj and MLP biases.
+FAMILIES = {"qwen2": dict(), "qwen3": dict(model_type="qwen3", head_dim=10),
+            "llama": dict(model_type="llama", qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_reads_a_minirl_adapter(tmp_path, family):
     from peft import PeftModel
 
-    hf = write_hf_folder(tmp_path / "model", seed=1, num_hidden_layers=3)
+    hf = write_hf_folder(tmp_path / "model", seed=1, num_hidden_layers=3, **FAMILIES[family])
     ours, _ = load_pretrained(tmp_path / "model")
     add_lora(ours, targets=("q_proj", "v_proj", "down_proj"), layers=[1, 2], rank=4, alpha=12)
     randomize(lora_parameters(ours), 10)
@@ -260,14 +215,15 @@ def test_peft_reads_a_minirl_adapter(tmp_path):
     assert (our_logits - peft_logits).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("targets, layers", [(["k_proj", "o_proj", "gate_proj"], [0, 2]),
                                              (r".*layers\.[12]\.self_attn\.(q_proj|v_proj)", None)])
-def test_minirl_reads_a_peft_adapter(tmp_path, targets, layers):
+def test_minirl_reads_a_peft_adapter(tmp_path, targets, layers, family):
     from peft import LoraConfig, get_peft_model
 
-    hf = write_hf_folder(tmp_path / "model", seed=2, num_hidden_layers=3)
+    hf = write_hf_folder(tmp_path / "model", seed=2, num_hidden_layers=3, **FAMILIES[family])
     peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=targets, layers_to_transform=layers,
-                                               task_type="CAUSAL_LM")).eval()
+                                               lora_dropout=0.1, task_type="CAUSAL_LM")).eval()  # dropout: training only
     randomize([p for n, p in peft_model.named_parameters() if "lora_" in n], 11)
     peft_model.save_pretrained(tmp_path / "adapter")
     ours, _ = load_pretrained(tmp_path / "model")
@@ -309,16 +265,28 @@ def test_parse_layers_errors(spec, named):
 
 
 @pytest.mark.parametrize("kwargs, named", [
-    (dict(targets=("q_proj", "lm_head")), "'lm_head'"), (dict(targets=()), "targets"),
-    (dict(layers=[1, 4]), "index 4 is out of range, the model has 4 layers"), (dict(layers=[]), "layers"),
-    (dict(layers=0.0), "layers"), (dict(layers=3), "layers"), (dict(rank=0), "rank"), (dict(alpha=-1), "alpha"),
-    (dict(dropout=1.0), "dropout"),
+    (dict(targets=("q_proj", "lm_head")), "--lora-targets: lm_head"), (dict(targets=()), "--lora-targets: empty"),
+    (dict(targets="q_proj,,w_proj"), "--lora-targets: w_proj"),
+    (dict(layers=[1, 4]), "--lora-layers: layer 4 is out of range, the model has 4 layers"),
+    (dict(layers=[]), "--lora-layers"), (dict(layers=[1.0]), "--lora-layers"), (dict(layers=0.25), "--lora-layers"),
+    (dict(layers=3), "--lora-layers"), (dict(layers="0.0"), "--lora-layers"), (dict(rank=0), "--lora-rank"),
+    (dict(alpha=-1), "--lora-alpha"),
 ])
 def test_add_lora_errors(kwargs, named):
     model = random_model(0, num_hidden_layers=4)
-    with pytest.raises(InputError, match=named.replace("(", r"\(")):
+    with pytest.raises(InputError) as error:
         add_lora(model, **kwargs)
+    assert str(error.value).startswith(named) and "\n" not in str(error.value)
     assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("text, want", [
+    ("q_proj,v_proj", ("q_proj", "v_proj")), (" v_proj , q_proj ", ("q_proj", "v_proj")),
+    ("down_proj,q_proj,down_proj", ("q_proj", "down_proj")), (["up_proj", "k_proj"], ("k_proj", "up_proj")),
+    (",".join(reversed(TARGETS)), TARGETS),
+])
+def test_parse_targets_gives_one_canonical_order(text, want):
+    assert parse_targets(text) == want
 
 
 def test_add_lora_twice_and_save_without_adapters_are_refused(tmp_path):

@@ -190,7 +190,8 @@ def test_generate_frees_its_kv_cache():
     model.new_cache = tracked
     prompt = tokenizer.encode("12*34=")
     out = generate(model, [prompt] * 4, 6, 0.3, tokenizer.eos_token_id, torch.Generator().manual_seed(0))
-    assert len(out) == 4 and len(buffers) == 2 * model.config.num_hidden_layers
+    # The cache, and the prefill's buffers for the one distinct prefix before they are copied into it.
+    assert len(out) == 4 and len(buffers) == 2 * 2 * model.config.num_hidden_layers
     assert all(ref() is None for ref in buffers), "a KV cache buffer outlived generate"
 
 
@@ -207,7 +208,7 @@ def test_sample_group_in_chunks(gen_batch, monkeypatch):
     G, max_new = 8, 6
     cfg = train.TrainConfig(group_size=G, gen_batch=gen_batch, max_new_tokens=max_new, temperature=0.3)
     root = tokenizer.encode("12*34=")
-    completions = train.sample_group(model, tokenizer, root, cfg, torch.Generator().manual_seed(0))
+    completions = train.sample_group(model, root, cfg, max_new, tokenizer.eos_token_ids, torch.Generator().manual_seed(0))
     assert calls == {0: [8], 3: [3, 3, 2], 8: [8], 20: [8]}[gen_batch]
     assert len(completions) == G
     eos = tokenizer.eos_token_id

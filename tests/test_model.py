@@ -1,6 +1,8 @@
-"""The Qwen2 forward pass, loading and saving, against transformers' Qwen2ForCausalLM on the same weights."""
+"""The Qwen2 forward pass, loading and saving, against transformers' Qwen2ForCausalLM on the same weights;
+end-of-sequence ids as real folders give them (tests/test_families.py covers Qwen3 and Llama)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import random_model, write_hf_folder
 from minirl import generate, load_pretrained, save_pretrained
 from minirl.errors import InputError
 from minirl.model import ModelConfig
+from minirl.tiny import char_tokenizer
 
 CONFIGS = {
     "gqa-untied": dict(),
@@ -72,6 +75,68 @@ def test_generation_stops_at_eos_per_sequence():
         end = full.index(eos) + 1 if eos in full else len(full)
         assert cut == full[:end]
     assert any(len(row) < 10 for row in stopped)  # at least one row really stopped early
+
+
+def test_generation_stops_at_any_id_of_an_eos_list():
+    model = random_model(seed=7)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    free = generate(model, prompts, max_new_tokens=10, temperature=0.0)
+    stops = [free[0][3], free[1][1]]
+    assert stops[0] != stops[1] and stops[0] not in free[1][:2]
+    stopped = generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_id=stops)
+    for full, cut in zip(free, stopped):
+        end = next((j + 1 for j, tok in enumerate(full) if tok in stops), len(full))
+        assert cut == full[:end]
+    assert stopped[0][-1] == stops[0] and stopped[1][-1] == stops[1]  # each row on a different id of the list
+
+
+def eos_folder(hf_folder, config_eos="keep", generation_eos=None, tokenizer=None):
+    """hf_folder with config.json's eos_token_id replaced, an optional generation_config.json, a tokenizer."""
+    config = json.loads((hf_folder / "config.json").read_text())
+    if config_eos != "keep":
+        config["eos_token_id"] = config_eos
+    (hf_folder / "config.json").write_text(json.dumps(config))
+    (hf_folder / "generation_config.json").unlink(missing_ok=True)
+    if generation_eos is not None:
+        (hf_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+    if tokenizer is not None:
+        tokenizer.save(str(hf_folder / "tokenizer.json"))
+    return hf_folder
+
+
+def test_an_eos_list_is_read_whole_and_saved_back(tmp_path, hf_folder):
+    folder = eos_folder(hf_folder, config_eos=3, generation_eos=[85, 86, 85])
+    model, tokenizer = load_pretrained(folder)
+    assert tokenizer.eos_token_ids == [85, 86] and tokenizer.eos_token_id == 85  # generation_config.json first
+    save_pretrained(model, tokenizer, tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["eos_token_id"] == [85, 86]
+    assert load_pretrained(tmp_path / "copy")[1].eos_token_ids == [85, 86]
+
+
+@pytest.mark.parametrize("bad, expected", [("2", "field 'eos_token_id' is '2'"), ([1, -1], "[1, -1]"),
+                                           (96, "token id 96 is outside the vocabulary")])
+def test_bad_eos_ids_are_errors(hf_folder, bad, expected):
+    with pytest.raises(InputError, match=re.escape(expected)) as e:
+        load_pretrained(eos_folder(hf_folder, generation_eos=bad))
+    assert "\n" not in str(e.value)
+
+
+def test_a_folder_without_eos_warns_once_and_generation_runs_to_max_new_tokens(hf_folder, capsys):
+    from tokenizers import Tokenizer as HFTokenizer, models
+
+    plain = HFTokenizer(models.BPE(vocab={"<unk>": 0, **{str(d): d + 1 for d in range(10)}}, merges=[], unk_token="<unk>"))
+    folder = eos_folder(hf_folder, config_eos=None, tokenizer=plain)
+    capsys.readouterr()
+    model, tokenizer = load_pretrained(folder)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: ") and "max_new_tokens" in err
+    assert tokenizer.eos_token_ids == [] and tokenizer.eos_token_id is None
+    out = generate(model, [[1, 2], [3]], max_new_tokens=12, temperature=0.0, eos_token_id=tokenizer.eos_token_ids)
+    assert [len(row) for row in out] == [12, 12]
+    # With the character tokenizer's <|endoftext|> back, the same folder names an EOS and loads silently.
+    char_tokenizer().save(folder)
+    assert load_pretrained(folder)[1].eos_token_ids == [char_tokenizer().eos_token_id]
+    assert capsys.readouterr().err == ""
 
 
 def test_padded_batch_equals_each_prefix_alone():
@@ -167,7 +232,7 @@ def test_missing_and_misshaped_tensors_are_listed_in_one_error(hf_folder):
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("model_type", "llama", "expected 'qwen2'"),
+    ("model_type", "mistral", "expected one of 'qwen2', 'qwen3', 'llama'"),
     ("use_sliding_window", True, "sliding-window"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}, "RoPE type 'yarn'"),
     ("num_key_value_heads", 3, "num_key_value_heads"),

@@ -3,7 +3,7 @@
 import doctest
 import math
 import random
-import time
+import sys
 from fractions import Fraction
 
 import pytest
@@ -197,18 +197,31 @@ def test_size_of_the_tree_on_a_long_shared_prefix():
     assert [p.advantage for p in active] == [r - 0.5 for r in rewards]
 
 
-def test_work_is_linear_in_the_number_of_tokens():
-    def best_time(L):
-        completions, rewards = shared_prefix_group(G=50, L=L, shared=L - 10)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            tspmo_pairs(completions, rewards)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+def bytecodes_executed(fn, *args) -> int:
+    """How many Python bytecode instructions fn(*args) runs: a measure of work that machine load cannot skew."""
+    count = 0
 
-    small, large = best_time(300), best_time(3000)
-    # 15,000 tokens take milliseconds; a scan of all completions per prefix, or hashing whole prefixes,
-    # would take seconds here, and grow 100× (not 10×) from L = 300 to L = 3,000.
-    assert small < 0.5
-    assert large / small < 40
+    def trace(frame, event, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        fn(*args)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+@pytest.mark.parametrize("small, large", [((20, 100), (20, 1000)), ((10, 60), (100, 60))])
+def test_work_is_linear_in_the_number_of_tokens(small, large):
+    def work(G, L):
+        return bytecodes_executed(tspmo_pairs, *shared_prefix_group(G=G, L=L, shared=L - 10))
+
+    # Ten times the tokens (ten times as long, or ten times as many completions): about ten times the
+    # instructions, plus a fixed start-up. Walking every prefix again for each token, or every completion
+    # for each prefix, would run about a hundred times as many.
+    assert 6 < work(*large) / work(*small) < 12

@@ -205,10 +205,10 @@ def test_damaged_checkpoint_is_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, patterns", [
-    (["--group-size", "0"], ["--group-size", "positive int", "'0'"]),
-    (["--lr", "-0.001"], ["--lr", "positive float", "'-0.001'"]),
-    (["--lr=-1e-4"], ["--lr", "positive float", "'-1e-4'"]),
-    (["--steps", "many"], ["--steps", "positive int", "'many'"]),
+    (["--group-size", "0"], ["--group-size 0", "positive integer"]),
+    (["--lr", "-0.001"], ["--lr -0.001", "finite number > 0"]),
+    (["--lr=-1e-4"], ["--lr -0.0001", "finite number > 0"]),
+    (["--steps", "many"], ["--steps", "invalid int value", "'many'"]),
     (["--method", "ppo"], ["--method", "invalid choice", "'ppo'"]),
     (["--lora-layers", "7"], ["--lora-layers", "layer 7", "3 layers"]),  # the tiny model has 3
     (["--lora-layers", "last:9"], ["--lora-layers", "last 9 layers", "has 3"]),
@@ -254,7 +254,9 @@ def test_token_ids_outside_the_vocabulary():
 
 
 def test_no_pickle_is_ever_loaded():
-    pattern = re.compile(r"torch\.load\b|\bimport pickle\b|\bpickle\.|\bcPickle\b|\bjoblib\b|weights_only")
+    # torch.distributed's *_object collectives unpickle what other ranks send: they are pickle too.
+    pattern = re.compile(r"torch\.load\b|\bimport pickle\b|\bpickle\.|\bcPickle\b|\bjoblib\b|weights_only|"
+                         r"_object\b|_object_list\b")
     hits = [f"{path.relative_to(REPO)}:{i}" for folder in ("minirl", "kernels") for path in (REPO / folder).rglob("*.py")
             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, hits
@@ -381,10 +383,10 @@ def poison_from(monkeypatch, out: Path, steps, kind="nan"):
 
     The step is read off metrics.jsonl, which has one line per finished step.
     """
-    real = train.UPDATES["tspmo"]
+    real = tspmo.accumulate_gradients
 
-    def update(model, root, completions, rewards, cfg, generator):
-        stats = real(model, root, completions, rewards, cfg, generator)
+    def update(model, root, completions, rewards, **settings):
+        stats = real(model, root, completions, rewards, **settings)
         path = out / "metrics.jsonl"
         step = 1 + (len(path.read_text().splitlines()) if path.exists() else 0)
         if step in steps and kind == "nan":
@@ -395,7 +397,7 @@ def poison_from(monkeypatch, out: Path, steps, kind="nan"):
             stats.loss = math.inf
         return stats
 
-    monkeypatch.setitem(train.UPDATES, "tspmo", update)
+    monkeypatch.setattr(tspmo, "accumulate_gradients", update)
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
@@ -415,18 +417,18 @@ def test_a_nonfinite_update_is_skipped_logged_and_counted(tmp_path, capsys, monk
 
 
 def test_too_many_nan_updates_stop_the_run_with_its_checkpoint_intact(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
+    out, real_accumulate = tmp_path / "run", tspmo.accumulate_gradients
     poison_from(monkeypatch, out, set(range(5, 100)))
     with pytest.raises(SystemExit) as stop:
         train.main([*FAST, "--steps", "20", "--checkpoint-every", "2", "--max-bad-steps", "3", "--out", str(out)])
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert re.search(r"error: 3 non-finite updates in a row at step \d+; stopping\. The last good checkpoint is in "
-                     + re.escape(str(out / "checkpoint")), err), err
+    assert re.search(r"error: 3 non-finite updates in a row at step \d+; stopping\. The last good checkpoint is "
+                     + re.escape(str(out / "checkpoint" / "step-0000004")), err), err
     assert train.latest_checkpoint(out) == out / "checkpoint" / "step-0000004"
     step, bad, params, *_ = load_into_fresh_model(out / "checkpoint" / "step-0000004")
     assert (step, bad) == (4, 0) and all(bool(torch.isfinite(p).all()) for p in params)
-    monkeypatch.setitem(train.UPDATES, "tspmo", tspmo.update)
+    monkeypatch.setattr(tspmo, "accumulate_gradients", real_accumulate)
     assert train.main(["--resume", str(out), "--steps", "6"]) == 0  # the good checkpoint carries on
     assert [m["step"] for m in records(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

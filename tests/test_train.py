@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minirl import config as config_module
 from minirl import evaluate, train
 from minirl.checkpoint import load_pretrained
 from minirl.lora import load_adapter, lora_modules
@@ -60,11 +61,10 @@ def test_short_run_writes_the_design_output_folder(method, hf_folder, tmp_path, 
         return real_train(cfg, model, tokenizer, **kw)
 
     monkeypatch.setattr(train, "train", keep_model)
-    monkeypatch.setattr(train, "reward", parity_reward)
     out = tmp_path / "run"
     argv = ["--method", method, "--model", str(hf_folder), "--group-size", str(G), "--max-new-tokens", str(MAX_NEW),
             "--steps", str(STEPS), "--eval-every", "2", "--eval-n", str(EVAL_N), "--checkpoint-every", "2",
-            "--lr", "0.003", "--temperature", "1.0", "--out", str(out)]
+            "--lr", "0.003", "--temperature", "1.0", "--reward", "test_train:parity_reward", "--out", str(out)]
     assert train.main(argv) == 0, capsys.readouterr().err
     capsys.readouterr()
 
@@ -73,7 +73,8 @@ def test_short_run_writes_the_design_output_folder(method, hf_folder, tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert set(config) == {f.name for f in fields(train.TrainConfig)}
     given = dict(method=method, model=str(hf_folder), group_size=G, max_new_tokens=MAX_NEW, steps=STEPS, eval_every=2,
-                 eval_n=EVAL_N, checkpoint_every=2, lr=0.003, temperature=1.0, out=str(out))
+                 eval_n=EVAL_N, checkpoint_every=2, lr=0.003, temperature=1.0, reward="test_train:parity_reward",
+                 out=str(out))
     assert {k: config[k] for k in given} == given
     paper = asdict(train.TrainConfig())
     assert {k: v for k, v in config.items() if k not in given} == {k: v for k, v in paper.items() if k not in given}
@@ -94,7 +95,7 @@ def test_short_run_writes_the_design_output_folder(method, hf_folder, tmp_path, 
         if method == "tspmo":  # |U| pairs counted; only the branch points (A ≠ 0) computed
             assert 1 <= m["n_loss_terms"] and m["n_computed"] <= m["n_loss_terms"], m
         elif method == "sgrpo":  # |T_i| ≤ max(α, k) tokens of each completion
-            assert m["n_loss_terms"] <= G * min(MAX_NEW, max(config["alpha"], config["k"]))
+            assert m["n_loss_terms"] <= G * min(MAX_NEW, max(config["sgrpo_alpha"], config["sgrpo_k"]))
     assert sum(m["updates"] for m in metrics) > 0, "no update was taken: the adapter checks below would be vacuous"
     if method == "tspmo":
         assert any(m["n_computed"] < m["n_loss_terms"] for m in metrics)  # shared prefixes: fewer branch points
@@ -182,16 +183,18 @@ def test_default_run_prints_the_table_and_progress(tiny_run):
     assert [row.split() for row in table] == [["accuracy", "n"], ["base", "model", "5.0%", "40"],
                                               ["after", "TSPMO", "62.5%", "40"]]
 
-    # A progress line per step here (every max(1, steps // 20) steps): the step's reward, the latest accuracy.
-    progress = re.findall(r"^step (\d+)/(\d+) \| reward ([\d.]+) \| accuracy ([\d.]+)% \| [\d.]+ s/step "
+    # A progress line per step here (every max(1, steps // 20) steps): the step's reward, the latest accuracy and
+    # the step it was measured at, the mean time of the steps since the last line.
+    progress = re.findall(r"^step (\d+)/(\d+) \| reward ([\d.]+) \| accuracy ([\d.]+)% \(step (\d+)\) \| ([\d.]+) s/step "
                           r"\| ([\d.]+) min left$", printed, re.M)
     assert [(int(s), int(n)) for s, n, *_ in progress] == [(s, TINY_STEPS) for s in range(1, TINY_STEPS + 1)], printed
     latest = {e["step"]: e["accuracy"] for e in evals}
-    for (step, _, reward, acc, _), m in zip(progress, metrics):
+    for (step, _, reward, acc, at, per_step, _), m in zip(progress, metrics):
         assert reward == f"{m['reward_mean']:.2f}"
-        shown = latest[max(s for s in latest if s <= int(step))]
-        assert acc == f"{100 * shown:.1f}"
-    assert progress[-1][4] == "0.0"  # nothing left after the last step
+        measured = max(s for s in latest if s <= int(step))
+        assert (acc, int(at)) == (f"{100 * latest[measured]:.1f}", measured)
+        assert per_step == f"{m['seconds']:.2f}"  # one step per line here: the window is that step
+    assert progress[-1][6] == "0.0"  # nothing left after the last step
 
 
 def test_default_run_evaluations_match_minirl_evaluate(tiny_run, tmp_path, capsys):
@@ -239,7 +242,7 @@ def test_default_run_takes_the_tiny_models_settings_unless_a_flag_is_given(tiny_
     cfg = train.config_from_args(args, {"lr": 0.1, "group_size": 3, "lam": 0.2, "digits": 2})
     assert (cfg.lr, cfg.group_size, cfg.lam, cfg.digits, cfg.beta) == (0.5, 3, 0.0, 2, train.TrainConfig.beta)
     # Everything else is the paper's default for T-SPMO.
-    paper = {**asdict(train.TrainConfig()), **train.paper_defaults("tspmo", recipe["task"])}
+    paper = {**asdict(train.TrainConfig()), **config_module.paper_defaults("tspmo", recipe["task"])}
     rest = names - set(defaults) - set(given) - {"model", "digits"}
     assert {k: config[k] for k in rest} == {k: paper[k] for k in rest}
 

@@ -11,7 +11,6 @@ from minirl.logprobs import selected_logprobs
 from minirl.lora import add_lora, lora_parameters
 from minirl.prefix_tree import Pair, tspmo_pairs
 from minirl.rl import tspmo
-from minirl.train import TrainConfig
 from minirl.tree_pack import pack_tree, tree_logprobs
 
 TAU = 0.7
@@ -67,8 +66,8 @@ def test_tspmo_gradients_match_unpacked(group, lam):
     for pack in (False, True):
         for p in params:
             p.grad = None
-        cfg = TrainConfig(lam=lam, temperature=TAU, train_batch=3, tree_pack=pack)
-        losses[pack] = tspmo.update(model, prefix, completions, rewards, cfg).loss
+        losses[pack] = tspmo.accumulate_gradients(model, prefix, completions, rewards, lam=lam, temperature=TAU,
+                                                  train_batch=3, tree_pack=pack).loss
         grads[pack] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
     assert losses[True] == pytest.approx(losses[False], abs=1e-6)
     for packed, unpacked in zip(grads[True], grads[False]):

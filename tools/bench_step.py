@@ -4,8 +4,9 @@ The same random Qwen2 (minirl.save_pretrained, then loaded by minirl and by tran
 Qwen2ForCausalLM), LoRA rank 8 on q_proj and v_proj of the last quarter of the layers (minirl.lora /
 peft.LoraConfig), the same group of G completions, the same losses (DESIGN.md, "The math"):
 
-    minirl-grpo, -sgrpo   minirl.rl.grpo.grpo_backward (every token / the same S-GRPO subsets T_i)
-    minirl-tspmo          minirl.rl.tspmo.update, completions in batches of --train-batch
+    minirl-grpo, -sgrpo   minirl.rl.grpo.accumulate_gradients (every token / the same S-GRPO subsets T_i),
+                          completions in batches of --train-batch
+    minirl-tspmo          minirl.rl.tspmo.accumulate_gradients, completions in batches of --train-batch
     minirl-tspmo-packed   the same with tree_pack: the whole prefix tree in one sequence (minirl/tree_pack.py)
     hf-grpo, -sgrpo       per completion: logits = model(P + c_i).logits, log_softmax, gather, KL to the
                           adapter-free model, backward
@@ -18,7 +19,8 @@ step time (median of --repeats), peak memory above the process's state after tha
 through the model (input positions of every forward, padding and GRPO's reference forward included),
 each also as a ratio to the transformers + peft implementation of the same method. Peak memory: on
 CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident set (VmHWM, reset through
-/proc/self/clear_refs), with glibc told to unmap freed blocks so the resident set follows the tensors.
+/proc/self/clear_refs), with glibc told to unmap freed blocks so the resident set follows the tensors
+(tools/_measure.py).
 
 The group. A random model samples no realistic tree, so the step uses synthetic completions whose
 shape follows sampling at a low temperature: completion i copies an earlier one up to a uniformly
@@ -43,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from _measure import MALLOC_ENV, proc_bytes, reset_peak  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirl.checkpoint import load_pretrained, save_pretrained  # noqa: E402
 from minirl.lora import add_lora, lora_parameters, parse_layers  # noqa: E402
@@ -51,7 +55,6 @@ from minirl.prefix_tree import tspmo_pairs  # noqa: E402
 from minirl.rl import grpo, tspmo  # noqa: E402
 from minirl.rl.sgrpo import sample_token_subset  # noqa: E402
 from minirl.tiny import char_tokenizer  # noqa: E402
-from minirl.train import TrainConfig  # noqa: E402
 
 SHAPES = {
     "small": dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -61,6 +64,7 @@ SHAPES = {
 VARIANTS = ("minirl-grpo", "hf-grpo", "minirl-sgrpo", "hf-sgrpo", "minirl-tspmo", "minirl-tspmo-packed", "hf-tspmo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANK, ALPHA = 8, 16.0
+BETA, LAM = 0.01, 0.01  # the paper's β and λ
 
 
 def synthetic_group(G, prompt_tokens, new_tokens, vocab, seed=0):
@@ -90,30 +94,30 @@ def hf_logprobs(model, sequences, tau):
     return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T − 1)
 
 
-def hf_grpo(model, prompt, completions, rewards, cfg, keep=None):
+def hf_grpo(model, prompt, completions, rewards, tau, keep=None):
     A, L, G = grpo.group_advantages(rewards), len(prompt), len(completions)
     for i, c in enumerate(completions):
         tokens = torch.tensor(keep[i] if keep else range(len(c)), dtype=torch.long, device=model.device) + L - 1
-        logp = hf_logprobs(model, [prompt + c], cfg.temperature)[0, tokens]
+        logp = hf_logprobs(model, [prompt + c], tau)[0, tokens]
         with torch.no_grad(), model.disable_adapter():
-            ref = hf_logprobs(model, [prompt + c], cfg.temperature)[0, tokens]
+            ref = hf_logprobs(model, [prompt + c], tau)[0, tokens]
         delta = ref - logp
-        ((-float(A[i]) * logp + cfg.beta * (delta.exp() - delta - 1)).mean() / G).backward()
+        ((-float(A[i]) * logp + BETA * (delta.exp() - delta - 1)).mean() / G).backward()
 
 
-def hf_tspmo(model, prompt, completions, rewards, cfg):
+def hf_tspmo(model, prompt, completions, rewards, tau, train_batch):
     pairs, L = tspmo_pairs(completions, rewards), len(prompt)
-    for start in range(0, len(completions), cfg.train_batch):
-        batch = range(start, min(start + cfg.train_batch, len(completions)))
+    for start in range(0, len(completions), train_batch):
+        batch = range(start, min(start + train_batch, len(completions)))
         mine = [p for p in pairs if p.completion in batch]
         if not mine:
             continue
-        logp = hf_logprobs(model, [prompt + completions[i] for i in batch], cfg.temperature)  # (B, T − 1)
+        logp = hf_logprobs(model, [prompt + completions[i] for i in batch], tau)  # (B, T − 1)
         logp = logp[[p.completion - start for p in mine], [L - 1 + p.position for p in mine]]  # (n,)
         A = torch.tensor([p.advantage for p in mine], device=logp.device)
         (-(logp.exp() * A).sum() / len(pairs)).backward()
     lora = [p for name, p in model.named_parameters() if "lora_" in name]
-    (cfg.lam * sum((p.float() ** 2).sum() for p in lora)).backward()
+    (LAM * sum((p.float() ** 2).sum() for p in lora)).backward()
 
 
 # ----------------------------------------------------------------------------- one variant, in its own process
@@ -129,12 +133,12 @@ def load_variant(variant, folder, dtype, device):
         model = Qwen2ForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         n = model.config.num_hidden_layers
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                                 layers_to_transform=parse_layers("last-quarter", n)))
+                                                 layers_to_transform=parse_layers("last-quarter", n)))  # as minirl
         model.get_base_model().model.register_forward_pre_hook(
             lambda _, args, kwargs: counter.__setitem__(0, counter[0] + kwargs["input_ids"].numel()), with_kwargs=True)
         return model, [p for p in model.parameters() if p.requires_grad], counter
     model, _ = load_pretrained(folder, dtype=dtype, device=device)
-    add_lora(model, layers=parse_layers("last-quarter", model.config.num_hidden_layers), rank=RANK, alpha=ALPHA)
+    add_lora(model, layers="last-quarter", rank=RANK, alpha=ALPHA)
     hidden_states = model.hidden_states
 
     def counted(input_ids, *args, **kwargs):
@@ -145,29 +149,26 @@ def load_variant(variant, folder, dtype, device):
     return model, lora_parameters(model), counter
 
 
-def step_fn(variant, model, cfg):
+def step_fn(variant, model, tau, train_batch):
     method = variant.split("-")[1]
     if variant.startswith("hf-"):
-        return {"grpo": lambda P, C, R, keep: hf_grpo(model, P, C, R, cfg),
-                "sgrpo": lambda P, C, R, keep: hf_grpo(model, P, C, R, cfg, keep),
-                "tspmo": lambda P, C, R, keep: hf_tspmo(model, P, C, R, cfg)}[method]
+        return {"grpo": lambda P, C, R, keep: hf_grpo(model, P, C, R, tau),
+                "sgrpo": lambda P, C, R, keep: hf_grpo(model, P, C, R, tau, keep),
+                "tspmo": lambda P, C, R, keep: hf_tspmo(model, P, C, R, tau, train_batch)}[method]
     if method == "tspmo":
-        return lambda P, C, R, keep: tspmo.update(model, P, C, R, cfg)
-    return lambda P, C, R, keep: grpo.grpo_backward(model, P, C, R, cfg.beta, cfg.temperature,
-                                                    keep if method == "sgrpo" else None)
-
-
-def proc_bytes(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+        return lambda P, C, R, keep: tspmo.accumulate_gradients(model, P, C, R, lam=LAM, temperature=tau,
+                                                                train_batch=train_batch,
+                                                                tree_pack=variant.endswith("packed"))
+    return lambda P, C, R, keep: grpo.accumulate_gradients(model, P, C, R, beta=BETA, temperature=tau,
+                                                           train_batch=train_batch,
+                                                           keep=keep if method == "sgrpo" else None)
 
 
 def run_variant(variant, folder, group, args):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model, params, counter = load_variant(variant, folder, dtype, device)
-    cfg = TrainConfig(temperature=args.temperature, train_batch=args.train_batch, tree_pack=variant.endswith("packed"))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    step = step_fn(variant, model, cfg)
+    step = step_fn(variant, model, args.temperature, args.train_batch)
     P, C, R, keep = group["prompt"], group["completions"], group["rewards"], group["keep"]
 
     def one(completions, rewards, keep):
@@ -183,8 +184,7 @@ def run_variant(variant, folder, group, args):
         base = torch.cuda.memory_allocated()
     else:
         base = proc_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM ← VmRSS
+        reset_peak()
     counter[0], t0 = 0, time.perf_counter()
     one(C, R, keep)
     times, tokens = [time.perf_counter() - t0], counter[0]
@@ -200,9 +200,9 @@ def in_fresh_process(variant, folder, group_file, args):
     cmd = [sys.executable, __file__, "--worker", variant, folder, group_file, "--device", args.device,
            "--dtype", args.dtype, "--temperature", str(args.temperature), "--train-batch", str(args.train_batch),
            "--repeats", str(args.repeats)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, **MALLOC_ENV}
     if args.device == "cpu":
-        env["MINIRL_LOGPROBS"] = "torch"  # the path a CPU takes, even under an inherited TRITON_INTERPRET
+        env.pop("TRITON_INTERPRET", None)  # the log-prob path a CPU takes, even under an inherited TRITON_INTERPRET
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{variant} failed:\n{out.stderr}")
@@ -221,7 +221,7 @@ def tiny_packed_tokens(n_problems, G, tau, seed=0):
 
     recipe = json.loads((tiny_model_path() / "recipe.json").read_text())
     model, tokenizer = load_pretrained(tiny_model_path())
-    add_lora(model, layers=parse_layers("last-quarter", model.config.num_hidden_layers), rank=RANK, alpha=ALPHA)
+    add_lora(model, layers="last-quarter", rank=RANK, alpha=ALPHA)
     counter, hidden_states = [0], model.hidden_states
     model.hidden_states = lambda ids, *a, **k: counter.__setitem__(0, counter[0] + ids.numel()) or hidden_states(ids, *a, **k)
     generator = torch.Generator().manual_seed(seed)
@@ -233,7 +233,7 @@ def tiny_packed_tokens(n_problems, G, tau, seed=0):
         rewards = [reward(tokenizer.decode(c), problem.answer) for c in completions]
         for pack in (False, True):
             counter[0] = 0
-            tspmo.update(model, prompt, completions, rewards, TrainConfig(temperature=tau, tree_pack=pack))
+            tspmo.accumulate_gradients(model, prompt, completions, rewards, lam=LAM, temperature=tau, tree_pack=pack)
             totals[pack] += counter[0]
             model.zero_grad(set_to_none=True)
     return totals[True], totals[False]
@@ -251,7 +251,8 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=40, help="synthetic completions: 3/4 of this to this long")
     ap.add_argument("--temperature", type=float, default=0.3)
-    ap.add_argument("--train-batch", type=int, default=8, help="sequences per forward (T-SPMO, both implementations)")
+    ap.add_argument("--train-batch", type=int, default=8,
+                    help="completions per forward: minirl's every method, and hf-tspmo (hf-grpo goes one at a time)")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per variant (median reported)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--tiny-problems", type=int, default=20, help="tiny-model groups for the packed-tokens figure")

@@ -45,7 +45,7 @@ HABIT = " 0"  # what a habit answer appends to the product
 # to zero while B is still zero, and the adapter dies (B's gradient is proportional to A, A's to B).
 # S-GRPO's α = 2, k = 4: answers here are at most 8 tokens, and the paper-scale α = 8 would keep all of them
 # (S-GRPO would be GRPO exactly).
-TRAIN_DEFAULTS = {"prompt_style": "plain", "steps": 1000, "lr": 1e-3, "lam": 0.0, "alpha": 2, "k": 4,
+TRAIN_DEFAULTS = {"prompt_style": "plain", "steps": 1000, "lr": 1e-3, "lam": 0.0, "sgrpo_alpha": 2, "sgrpo_k": 4,
                   "eval_every": 100, "eval_n": 1000}
 
 

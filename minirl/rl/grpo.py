@@ -1,4 +1,4 @@
-"""GRPO, one group, one update (DESIGN.md, "GRPO").
+"""GRPO: one group, one update (DESIGN.md, "GRPO").
 
 A group: G completions c_1..c_G sampled from one root prefix P, rewards R_1..R_G.
 
@@ -11,28 +11,20 @@ With one update per group the PPO ratio π/π_old is 1 and clipping never acts, 
 term is just −A·log π. Full GRPO takes every token (T_i = all of c_i); S-GRPO passes a subset.
 A group whose rewards are all equal has every A_i = 0 and gives no update.
 
-The backward runs one completion at a time, as the paper does to fit in memory: loss_i / G is
-backpropagated and its graph freed before the next completion's forward. The reference log-probs
-come from the same model inside `disable_adapters`, so the reference policy costs no memory.
+The backward runs `train_batch` completions at a time: their loss terms are backpropagated together
+and the graph is freed before the next batch, so memory grows with train_batch sequences, not with G
+(train_batch = 1 is the paper's one-at-a-time accumulation; the gradients are the same sum either way).
+The reference log-probs come from the same model inside `disable_adapters`, so the reference policy
+costs no memory.
 """
-
-from dataclasses import dataclass
 
 import torch
 
 from minirl.logprobs import selected_logprobs
 from minirl.lora import disable_adapters
+from minirl.rl import GroupStats, StepStats
 
 EPS = 1e-4
-
-
-@dataclass
-class StepStats:
-    """What one update did: the loss value, how many tokens or pairs it counted, how many it computed."""
-    loss: float = 0.0
-    n_loss_terms: int = 0
-    n_computed: int = 0
-    skipped: bool = False  # True when the group carried no signal (all rewards equal)
 
 
 def group_advantages(rewards: list[float]) -> torch.Tensor:
@@ -43,35 +35,55 @@ def group_advantages(rewards: list[float]) -> torch.Tensor:
     return (r - r.mean()) / (r.std() + EPS)
 
 
-def grpo_backward(model, prefix: list[int], completions: list[list[int]], rewards: list[float], beta: float,
-                  temperature: float, keep: list[list[int]] | None = None) -> StepStats:
-    """Accumulate ∇loss into the LoRA gradients; `keep[i]` lists the token indices T_i of c_i (None: all)."""
+def accumulate_gradients(model, prefix: list[int], completions: list[list[int]], rewards: list[float], *,
+                         beta: float, temperature: float, train_batch: int = 8,
+                         keep: list[list[int]] | None = None) -> GroupStats:
+    """Add ∇loss of one group to the LoRA gradients; `keep[i]` lists the token indices T_i of c_i (None: all)."""
     advantages = group_advantages(rewards)
     if not bool(advantages.any()):
-        return StepStats(skipped=True)
-    G, total, stats = len(completions), 0.0, StepStats()
-    for i, completion in enumerate(completions):
-        tokens = list(range(len(completion))) if keep is None else keep[i]
-        if not tokens or advantages[i] == 0 and beta == 0:
-            continue
-        sequence = prefix + completion
-        picks = [(0, len(prefix) + t) for t in tokens]
-        logp = selected_logprobs(model, [sequence], picks, temperature)  # (|T_i|,)
-        loss = -float(advantages[i]) * logp
+        return GroupStats()
+    G = len(completions)
+    tokens = [list(range(len(c))) if keep is None else keep[i] for i, c in enumerate(completions)]
+    # A completion with A_i = 0 and β = 0 adds nothing: its forward is skipped.
+    rows = [i for i in range(G) if tokens[i] and (advantages[i] != 0 or beta > 0)]
+    stats = GroupStats(has_signal=True)
+    for start in range(0, len(rows), train_batch):
+        batch = rows[start:start + train_batch]
+        sequences = [prefix + completions[i] for i in batch]
+        picks = [(row, len(prefix) + t) for row, i in enumerate(batch) for t in tokens[i]]
+        A = torch.tensor([float(advantages[i]) for i in batch for _ in tokens[i]])  # (N,)
+        weight = torch.tensor([1.0 / (len(tokens[i]) * G) for i in batch for _ in tokens[i]])  # (N,) 1/(|T_i| G)
+        logp = selected_logprobs(model, sequences, picks, temperature)  # (N,)
+        terms = -A.to(logp.device) * logp
         if beta > 0:
             with torch.no_grad(), disable_adapters(model):
-                ref = selected_logprobs(model, [sequence], picks, temperature)  # (|T_i|,)
+                ref = selected_logprobs(model, sequences, picks, temperature)  # (N,)
             delta = ref - logp
-            loss = loss + beta * (torch.exp(delta) - delta - 1)
-        loss = loss.mean() / G
+            terms = terms + beta * (torch.exp(delta) - delta - 1)
+        loss = (terms * weight.to(logp.device)).sum()
         loss.backward()
-        total += loss.item()
-        stats.n_loss_terms += len(tokens)
-        stats.n_computed += len(tokens)
-    stats.loss = total
+        stats.loss += loss.item()
+        stats.n_loss_terms += len(picks)
+        stats.n_computed += len(picks)
     return stats
 
 
-def update(model, prefix, completions, rewards, cfg, generator=None) -> StepStats:
-    """Full GRPO: every token of every completion. `cfg` supplies beta and temperature."""
-    return grpo_backward(model, prefix, completions, rewards, cfg.beta, cfg.temperature)
+def train_step(model, draws, sample, score, optimizer_step, *, beta: float, temperature: float, train_batch: int,
+               max_new_tokens: int, token_subset=None) -> StepStats:
+    """One GRPO step: a group per problem, each group's loss accumulated, then one optimizer step.
+
+    `token_subset(length, generator) -> T_i` picks the tokens each completion is trained on (S-GRPO);
+    None trains on all of them (GRPO). The callables are described in rl/__init__.py.
+    """
+    step, signal = StepStats(), False
+    for draw in draws:
+        completions = sample(draw, draw.prompt, max_new_tokens)
+        rewards = [score(draw, c) for c in completions]
+        keep = None if token_subset is None else [token_subset(len(c), draw.subsets) for c in completions]
+        group = accumulate_gradients(model, draw.prompt, completions, rewards, beta=beta, temperature=temperature,
+                                     train_batch=train_batch, keep=keep)
+        step.rewards += rewards
+        step.add(group)
+        signal |= group.has_signal
+    optimizer_step(signal, step.loss)
+    return step
