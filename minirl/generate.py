@@ -6,15 +6,18 @@ prefix are hidden by the attention mask, and each row's RoPE positions start at 
 token, so a row computes exactly what it would alone. A prefix is any token list — a prompt, or a
 prompt plus part of an earlier completion, which is how T-SPMO's replay restarts sampling mid-answer.
 
-Where the time goes (measured, DESIGN.md "Generation"), and what is done about it:
-- prefill: no padding is computed. Identical prefixes are run once (training samples G completions of
-  one root) and distinct ones are packed end to end into sequences of at most PACK_TOKENS tokens with
-  a block-diagonal causal mask; their keys and values are then copied to each row's slots.
-- sampling: torch.multinomial draws one exponential per vocabulary entry and row, which at a vocabulary
-  of 151,936 cost more than the forward of a small model. Here a token is drawn by inverting the CDF of
-  softmax(logits / τ) at one uniform u ∈ (0, 1] per row: the first i with Σ_{j≤i} p_j ≥ u · Σ_j p_j.
-  The uniforms of all steps are drawn up front from the generator, so the stream depends only on the
-  seed, B and max_new_tokens, never on when sampling stops.
+Where the time goes (profiled on the CPU at real shapes), and what is done about it (DESIGN.md, "Generation"):
+- prefill: identical prefixes are run once (training samples G completions of one root). Distinct ones
+  of about one length run as one padded batch; when padding would waste more than PAD_WASTE they are
+  packed end to end into sequences of at most pack_tokens() tokens with a block-diagonal causal mask.
+  Their keys and values are then copied to each row's slots.
+- sampling: torch.multinomial draws one exponential per vocabulary entry and row: at a vocabulary of
+  151,936 and B = 50, a quarter of a 0.5B model's decode step. Here a token is drawn by inverting the CDF
+  of softmax(logits / τ) at one uniform u ∈ (0, 1] per row: the first i with Σ_{j≤i} p_j ≥ u · Σ_j p_j
+  (inverse_cdf). The uniforms of all steps are drawn up front from the generator, so the stream depends
+  only on the seed, B and max_new_tokens, never on when sampling stops.
+- matrix products, most of a step: on an x86 CPU the large ones go through oneDNN (onednn_linears), and
+  attention of one query per row multiplies each key/value head's G query heads at once (model.py).
 - decode steps: no host synchronisation for input checks (prefixes are checked once; sampled ids are
   in the vocabulary by construction), RoPE's cos/sin from a table built once, the mask a view of one
   (B, Tmax) buffer, and "all rows finished?" read every step on the CPU (where reading costs nothing)
@@ -35,8 +38,6 @@ import torch.nn.functional as F
 
 from minirl.errors import InputError
 
-PACK_TOKENS = 256  # tokens per packed prefill forward: big enough for efficient matmuls, small enough
-# that the block-diagonal attention (quadratic in the packed length) stays a few % of the work
 SYNC_EVERY = 8  # decode steps between "all finished?" reads on an accelerator
 SAMPLE_BLOCK = 256  # weights per block of the two-level inverse CDF (inverse_cdf)
 CACHE_BUCKET = 64  # compiled decode: the cache length is rounded up to a multiple of this, one compile per bucket
@@ -78,22 +79,59 @@ def sample_next(logits, temperature: float, top_p: float, u):
     return order.gather(-1, inverse_cdf(probs, u)[:, None]).squeeze(-1)
 
 
+def pack_tokens(config) -> int:
+    """Tokens per packed prefill forward. Attention inside a pack pays for every pair of its n tokens,
+    masked or not (4 n² H Dh), the matmuls 2 n P for P weights per layer: at n = P / (20 H Dh) the pairs
+    cost a tenth of the matmuls. Between 32 and 512 (SmolLM2-135M: 307, Qwen2.5-0.5B: 512)."""
+    c = config
+    P = 2 * c.hidden_size * c.head_dim * (c.num_attention_heads + c.num_key_value_heads) + 3 * c.hidden_size * c.intermediate_size
+    return max(32, min(512, P // (20 * c.num_attention_heads * c.head_dim)))
+
+
+PAD_WASTE = 0.25  # prefill pads the distinct prefixes into one batch while padding is at most this fraction
+
+
 def prefill(model, prompts: list[list[int]], cache, Tp: int):
     """Fill each row's cache slots [Tp − len, Tp) with its prefix's keys and values; return the final-norm
-    hidden state of each row's last prefix token (B, D)."""
+    hidden state of each row's last prefix token (B, D).
+
+    Each distinct prefix is computed once. While padding them to Tp wastes little, they run as one
+    left-padded batch (one forward, which small models want); otherwise packed end to end (no padding).
+    """
     device = model.lm_head.weight.device
     rows_of = {}  # distinct prefix -> the rows that start with it
     for i, p in enumerate(prompts):
         rows_of.setdefault(tuple(p), []).append(i)
     distinct = list(rows_of)
-    groups, n = [[]], 0  # consecutive distinct prefixes, packed up to PACK_TOKENS tokens each
+    last = torch.empty(len(prompts), model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
+    if sum(map(len, distinct)) >= (1 - PAD_WASTE) * len(distinct) * Tp:
+        lengths = torch.tensor([len(p) for p in distinct], device=device)
+        ids = torch.zeros(len(distinct), Tp, dtype=torch.long, device=device)
+        for j, p in enumerate(distinct):
+            ids[j, Tp - len(p):] = torch.tensor(p, dtype=torch.long)
+        real = torch.arange(Tp, device=device) >= Tp - lengths[:, None]  # (m, Tp)
+        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+        mask = None  # plain causal when every prefix has length Tp
+        if not bool(real.all()):  # a pad query sees itself only, never an all-masked row
+            eye = torch.eye(Tp, dtype=torch.bool, device=device)
+            mask = ((torch.ones_like(eye).tril() & real[:, None, :]) | eye)[:, None]  # (m, 1, Tp, Tp)
+        own = model.new_cache(len(distinct), Tp)
+        hidden = model.hidden_states(ids, positions=positions, mask=mask, cache=own)[:, -1]  # (m, D)
+        which = torch.tensor([j for j, p in enumerate(distinct) for _ in rows_of[p]], device=device)
+        rows = torch.tensor([r for p in distinct for r in rows_of[p]], device=device)
+        last[rows] = hidden[which]
+        for (k, v), (ok, ov) in zip(cache, own):  # (B, Hkv, Tmax, Dh) ← (m, Hkv, Tp, Dh)
+            k[rows, :, :Tp] = ok[which]
+            v[rows, :, :Tp] = ov[which]
+        return last
+    limit = pack_tokens(model.config)
+    groups, n = [[]], 0  # consecutive distinct prefixes, packed up to `limit` tokens each
     for p in distinct:
-        if groups[-1] and n + len(p) > PACK_TOKENS:
+        if groups[-1] and n + len(p) > limit:
             groups.append([])
             n = 0
         groups[-1].append(p)
         n += len(p)
-    last = torch.empty(len(prompts), model.config.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
     for group in groups:
         lengths = torch.tensor([len(p) for p in group], device=device)
         ids = torch.tensor([t for p in group for t in p], dtype=torch.long, device=device)[None]  # (1, n)
@@ -171,20 +209,8 @@ def compiled_step(model, device, *args):
 ONEDNN_MIN_WEIGHT = 2 ** 19  # decode matmuls go through oneDNN from this many weight entries up
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x Wᵀ + b by oneDNN on the plain (out, in) weight: (M, in) -> (M, out)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-# The same as an op torch.compile keeps opaque (inductor has no lowering of oneDNN on a plain weight). Only
-# traced code calls it: in eager mode its dispatch would cost more than the product's own call.
-onednn_linear_op = torch.library.custom_op("minirl::onednn_linear", onednn_linear, mutates_args=())
-onednn_linear_op.register_fake(lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
-
-
 def _onednn_forward(module, x):
-    linear = onednn_linear_op if torch.compiler.is_compiling() else onednn_linear
-    y = linear(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), module.weight, module.bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
@@ -239,7 +265,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
                          f"model's max_position_embeddings ({limit})")
     device = model.lm_head.weight.device
     compile = default_compile(device) if compile is None else compile
-    onednn = onednn_available(device) if onednn is None else onednn
+    # Under torch.compile inductor picks the products' kernels (it cannot lower oneDNN on a plain weight).
+    onednn = onednn_available(device) and not compile if onednn is None else onednn and not compile
     B, Tp = len(prompts), max(lengths)
     total = Tp + max_new_tokens
     if compile:  # one compiled graph serves every call whose cache rounds up to the same length

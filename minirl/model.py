@@ -301,8 +301,8 @@ class Attention(nn.Module):
                 k, v = k_cache[:, :, :cache_start + T], v_cache[:, :, :cache_start + T]
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif T == 1 and x.device.type == "cpu":  # a decode step
-            y = grouped_query_attention(q, k, v, mask)  # (B, H, 1, Dh)
+        elif T == 1 and x.device.type == "cpu" and k.numel() >= 2 ** 16:  # a decode step, a cache worth reading once
+            y = grouped_query_attention(q, k, v, mask)  # (B, H, 1, Dh); below, SDPA's one call is the cheaper
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

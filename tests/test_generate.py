@@ -66,13 +66,19 @@ def test_prefill_runs_each_distinct_prefix_once_and_packs_them(monkeypatch):
     assert out == [alone[tuple(p)] for p in PROMPTS]
     # One packed prefill forward of the three distinct prefixes (7 + 2 + 4 tokens), then 5 decode steps.
     assert forwards == [(1, 13)] + [(4, 1)] * 5
+    # Prefixes of about one length: one padded batch of the distinct ones.
+    near = [[1, 2, 3, 4], [5, 6, 7], [1, 2, 3, 4], [8, 9, 10, 11]]
+    alone = [generate(model, [p], 6, temperature=0.0)[0] for p in near]
+    forwards.clear()
+    assert generate(model, near, 6, temperature=0.0) == alone
+    assert forwards == [(3, 4)] + [(4, 1)] * 5
 
 
 def test_prefill_in_several_packs_equals_each_prefix_alone(monkeypatch):
     model = random_model(seed=4)
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16], [17]]
     alone = [generate(model, [p], 5, temperature=0.0)[0] for p in prompts]
-    monkeypatch.setattr(gen, "PACK_TOKENS", 6)  # packs of lengths [3], [4, 2], [7] (longer than a pack), [1]
+    monkeypatch.setattr(gen, "pack_tokens", lambda config: 6)  # packs of lengths [3], [4, 2], [7] (longer than a pack), [1]
     assert generate(model, prompts, 5, temperature=0.0) == alone
 
 

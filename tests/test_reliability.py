@@ -141,7 +141,7 @@ def test_tensor_of_the_wrong_shape(tmp_path, capsys):
 
 def test_tokenizer_larger_than_the_vocabulary(tmp_path, capsys):
     folder = fresh_tiny(tmp_path)
-    edit_config(folder, vocab_size=50)  # the character tokenizer has 87 tokens
+    edit_config(folder, vocab_size=50, eos_token_id=1)  # the character tokenizer has 87 tokens
     bad_model_folder(capsys, folder, r"tokenizer\.json", "vocab_size 50")
 
 
@@ -314,8 +314,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, capsys, m
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash_on_second_checkpoint)
-    with pytest.raises(OSError, match="simulated"):
-        train.main([*argv, "--out", str(out)])
+    assert train.main([*argv, "--out", str(out)]) == 1  # a fault of the machine: one line, exit 1
+    assert "disk full (simulated)" in capsys.readouterr().err
     monkeypatch.setattr(os, "replace", real_replace)
     assert train.latest_checkpoint(out) == out / "checkpoint" / "step-0000004"
     assert (out / "checkpoint" / "step-0000008.tmp").is_dir()  # the half-done one, never taken for complete
