@@ -220,7 +220,8 @@ def test_bad_flags_are_refused_before_the_model_loads(capsys, tmp_path, no_model
 
 
 @pytest.mark.parametrize("device, message", [("bogus", "--device bogus: expected cpu, cuda"),
-                                             ("cuda:99", "--device cuda:99: this machine has")])
+                                             ("cuda:99", "--device cuda:99: this machine has"),
+                                             ("meta", "--device meta: expected cpu, cuda, cuda:N or mps")])
 def test_a_device_this_machine_lacks(capsys, device, message):
     evaluate_fails(capsys, ["--device", device, "--n", "2"], message)
 
