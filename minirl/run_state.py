@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from minirl.errors import InputError
 from minirl.files import fsync_dir, write_atomic
@@ -62,13 +62,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, replay_state: dict, 
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    with open(tmp / "optimizer.safetensors", "rb+") as f:
-        os.fsync(f.fileno())
+    write_atomic(tmp / "optimizer.safetensors", save(tensors))
     state = {"step": step, "bad_in_row": bad_in_row, "replay": replay_state}
     write_atomic(tmp / "state.json", json.dumps(state).encode())
     write_atomic(tmp / "config.json", (out / "config.json").read_bytes())  # the settings as they were
-    fsync_dir(tmp / "adapter")
     os.replace(tmp, final)  # the new checkpoint exists completely, or not at all
     fsync_dir(root)
     for old in root.glob("step-*"):

@@ -71,14 +71,19 @@ def multiplication_test_size(digits: int) -> int:
     return min(MULTIPLICATION_TEST_SIZE, (hi - lo + 1) ** 2 // 3)
 
 
+def shuffled(n: int, rng: random.Random) -> list[int]:
+    """range(n) in a random order made with rng.random() alone, whose sequence Python keeps across versions."""
+    keys = [rng.random() for _ in range(n)]
+    return sorted(range(n), key=keys.__getitem__)
+
+
 def draw_distinct(rng: random.Random, space: int, k: int, exclude: frozenset = frozenset()) -> list[int]:
     """k distinct indices from range(space) minus `exclude`, uniformly, in the order drawn."""
     free = space - len(exclude)
     if 2 * k > free:
         # Most of the space is wanted: shuffle all of it rather than reject ever more repeats.
         pool = [i for i in range(space) if i not in exclude]
-        keys = [rng.random() for _ in pool]
-        return [pool[j] for j in sorted(range(len(pool)), key=keys.__getitem__)[:k]]
+        return [pool[j] for j in shuffled(len(pool), rng)[:k]]
     seen, out = set(exclude), []
     while len(out) < k:
         i = int(rng.random() * space)
@@ -167,9 +172,7 @@ def load_svamp(path=SVAMP_PATH) -> list[Problem]:
 
 def svamp_split(count: int) -> tuple[list[int], list[int]]:
     """(train, test) indices: a seeded shuffle of range(count); its first SVAMP_TEST_SIZE are the test split."""
-    rng = random.Random(SVAMP_SPLIT_SEED)
-    keys = [rng.random() for _ in range(count)]
-    order = sorted(range(count), key=keys.__getitem__)
+    order = shuffled(count, random.Random(SVAMP_SPLIT_SEED))
     return order[SVAMP_TEST_SIZE:], order[:SVAMP_TEST_SIZE]
 
 

@@ -43,7 +43,7 @@ from minirl.rl import grpo, sgrpo, tspmo
 from minirl.run_state import latest_checkpoint, load_checkpoint, lock_run_folder, save_checkpoint, truncate_jsonl
 from minirl.report import plot_learning_curve, summary_table
 from minirl.reward import resolve_reward
-from minirl.tasks import Problem, load_task
+from minirl.tasks import Problem, load_task, shuffled
 from minirl.tokenizer import format_prompt
 
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "adapter", "checkpoint", "learning_curve.png")
@@ -66,16 +66,25 @@ class Draw:
 
 @functools.lru_cache(maxsize=4)
 def pass_order(seed: int, n: int, number: int) -> list[int]:
-    """Pass `number` over a train split of n problems: a shuffle seeded by (seed, pass), made with
-    random() alone, whose sequence Python guarantees across versions."""
-    rng = random.Random(seed * 1_000_003 + number)
-    keys = [rng.random() for _ in range(n)]
-    return sorted(range(n), key=keys.__getitem__)
+    """Pass `number` over a train split of n problems: a shuffle seeded by (seed, pass)."""
+    return shuffled(n, random.Random(seed * 1_000_003 + number))
 
 
 def draw_index(seed: int, n: int, draw: int) -> int:
     """The train-split index of a run's draw-th problem (0-based): passes without repeats."""
     return pass_order(seed, n, draw // n)[draw % n]
+
+
+def proc_bytes(field: str) -> int:
+    """A field of Linux's /proc/self/status (VmRSS, VmHWM, …) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """VmHWM ← VmRSS: the process's peak resident set starts again from now (Linux ≥ 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def reset_peak_memory(device: str):
@@ -84,8 +93,7 @@ def reset_peak_memory(device: str):
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
+        reset_peak_rss()
     except OSError:
         pass  # elsewhere the figure stays the process's peak so far (README, Limits)
 
@@ -94,8 +102,7 @@ def peak_memory_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return proc_bytes("VmHWM")
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 

@@ -10,13 +10,4 @@ follows the tensors. glibc reads it once, at start-up: it must be in the process
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def proc_bytes(field: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM, …) in bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def reset_peak():
-    """VmHWM ← VmRSS (Linux ≥ 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from minirl.train import proc_bytes, reset_peak_rss as reset_peak  # noqa: E402,F401  (one /proc reader)
