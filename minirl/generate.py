@@ -16,8 +16,9 @@ Where the time goes (profiled on the CPU at real shapes), and what is done about
   of softmax(logits / τ) at one uniform u ∈ (0, 1] per row: the first i with Σ_{j≤i} p_j ≥ u · Σ_j p_j
   (inverse_cdf). The uniforms of all steps are drawn up front from the generator, so the stream depends
   only on the seed, B and max_new_tokens, never on when sampling stops.
-- matrix products, most of a step: on an x86 CPU the large ones go through oneDNN (onednn_linears), and
-  attention of one query per row multiplies each key/value head's G query heads at once (model.py).
+- matrix products, most of a step: on an x86 CPU the large ones go through oneDNN on copies of their
+  weights in its blocked layout, kept between calls (onednn_linears), and attention of one query per row
+  multiplies each key/value head's G query heads at once (model.py).
 - decode steps: no host synchronisation for input checks (prefixes are checked once; sampled ids are
   in the vocabulary by construction), RoPE's cos/sin from a table built once, the mask a view of one
   (B, Tmax) buffer, and "all rows finished?" read every step on the CPU (where reading costs nothing)
@@ -30,6 +31,7 @@ Where the time goes (profiled on the CPU at real shapes), and what is done about
 import functools
 import math
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -43,6 +45,13 @@ SAMPLE_BLOCK = 256  # weights per block of the two-level inverse CDF (inverse_cd
 CACHE_BUCKET = 64  # compiled decode: the cache length is rounded up to a multiple of this, one compile per bucket
 
 
+def cdf_block(V: int) -> int:
+    """inverse_cdf's block width: a divisor of V of at least 16 where there is one (no padded copy of the
+    weights; 151,936 = 1,187 · 128), else SAMPLE_BLOCK."""
+    k = math.gcd(V, SAMPLE_BLOCK)
+    return k if k >= 16 else SAMPLE_BLOCK
+
+
 def inverse_cdf(weights, u):
     """Per row, the first index i with Σ_{j≤i} w_j ≥ u · Σ_j w_j: weights (B, V) ≥ 0, unnormalised, u (B,) ∈ (0, 1].
 
@@ -51,9 +60,8 @@ def inverse_cdf(weights, u):
     0 leaves the prefix sums flat and never comes first, so a token of probability 0 is never drawn.
     """
     B, V = weights.shape
-    k = math.gcd(V, SAMPLE_BLOCK)  # blocks that tile V need no padded copy (151,936 = 1,187 · 128)
-    if k < 16:
-        k = SAMPLE_BLOCK
+    k = cdf_block(V)
+    if V % k:
         weights = F.pad(weights, (0, -V % k))  # zero weights fill the last block
     blocks = weights.view(B, -1, k)  # (B, nb, k)
     cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # (B, nb); on the CPU a float cumsum accumulates in double
@@ -68,12 +76,13 @@ def inverse_cdf(weights, u):
 
 def sample_next(logits, temperature: float, top_p: float, u):
     """One token per row from (B, V) logits: argmax when τ = 0, else softmax(logits / τ), cut to top-p,
-    drawn by its inverse CDF at u (B,) ∈ (0, 1]."""
+    drawn by its inverse CDF at u (B,) ∈ (0, 1]. fp32 logits are overwritten: a new (B, V) buffer each
+    step costs its page faults (at B = 50 and V = 151,936, 30 MB)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
     if top_p == 1.0:  # exp((l − max l) / τ): the softmax without its normalisation, which the CDF does not need
-        return inverse_cdf((logits - logits.amax(dim=-1, keepdim=True)).div_(temperature).exp_(), u)
+        return inverse_cdf(logits.sub_(logits.amax(dim=-1, keepdim=True)).div_(temperature).exp_(), u)
     probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)  # (B, V)
     probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)  # mass before it already ≥ p
     return order.gather(-1, inverse_cdf(probs, u)[:, None]).squeeze(-1)
@@ -207,37 +216,60 @@ def compiled_step(model, device, *args):
 
 
 ONEDNN_MIN_WEIGHT = 2 ** 19  # decode matmuls go through oneDNN from this many weight entries up
+# Reordered copies are kept while they total at most this; a larger model decodes on its plain weights.
+REORDER_MAX_BYTES = 2 ** 31
+reordered_weights = weakref.WeakKeyDictionary()  # nn.Linear -> (the weight, its version, the weight in oneDNN's layout)
 
 
-def _onednn_forward(module, x):
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), module.weight, module.bias, "none", [], "")
+def packed_weight(module, batch: int):
+    """module.weight reordered into oneDNN's blocked layout, made once and kept while the weight is unchanged.
+
+    A frozen weight (every base weight under LoRA) is reordered once per run. A weight written in place
+    (an optimizer step, load_state_dict, anything under no_grad) has a new version, and a replaced weight
+    is another tensor: either is reordered at its next use. Writes through `.data` bypass the version
+    counter and are not seen."""
+    w = module.weight
+    kept = reordered_weights.get(module)
+    if kept is None or kept[0]() is not w or kept[1] != w._version:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch)  # tuned for `batch` rows, right for any
+        kept = reordered_weights[module] = (weakref.ref(w), w._version, packed)
+    return kept[2]
+
+
+def _onednn_forward(module, packed, x):
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, module.bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
 def onednn_available(device: torch.device) -> bool:
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and torch.backends.cpu.get_cpu_capability().startswith("AVX"))
 
 
 @contextmanager
-def onednn_linears(model):
-    """While decoding on an x86 CPU: each large fp32 nn.Linear multiplies through oneDNN, on its own weight.
+def onednn_linears(model, batch: int):
+    """While decoding on an x86 CPU: each large fp32 nn.Linear multiplies through oneDNN on a copy of its
+    weight in oneDNN's blocked layout (packed_weight), kept for the next call.
 
-    A decode step multiplies a few rows (B) by every weight matrix, so it is bound by reading the
-    weights, and MKL's sgemm, which nn.Linear calls, reads them at about half the rate oneDNN's kernel
-    does on the same (out, in) layout (the 151,936 × 896 lm_head at B = 8: 121 ms against 61 ms). Small
-    matrices stay with nn.Linear, where oneDNN's fixed cost per call is the larger. No copy is made.
+    A decode step multiplies a few rows (B) by every weight matrix. At B = 8 it is bound by reading the
+    weights from memory, which MKL's sgemm (what nn.Linear calls) does at 3–4 GB/s on one core of this
+    machine's Xeon and oneDNN on the blocked layout at 6–7 GB/s (SmolLM2-135M's layers, DESIGN.md); at
+    B = 50 both compute, oneDNN a little faster. The copy costs the weights' memory once more (the
+    planner counts it) and is made at about 1.3 GB/s, once while the weights are frozen. Above
+    REORDER_MAX_BYTES of such weights (Qwen2-1.5B: 5.7 GiB) that memory would decide whether a CPU run
+    fits at all, so oneDNN multiplies on the plain weights instead (5–6 GB/s).
     """
-    swapped = []
+    large = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+             and m.weight.numel() >= ONEDNN_MIN_WEIGHT]
+    reorder = 4 * sum(m.weight.numel() for m in large) <= REORDER_MAX_BYTES
     try:
-        for m in model.modules():
-            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.numel() >= ONEDNN_MIN_WEIGHT:
-                m.forward = functools.partial(_onednn_forward, m)
-                swapped.append(m)
+        for m in large:
+            m.forward = functools.partial(_onednn_forward, m, packed_weight(m, batch) if reorder else m.weight)
         yield
     finally:
-        for m in swapped:
-            del m.forward  # the class's forward again
+        for m in large:
+            vars(m).pop("forward", None)  # the class's forward again
 
 
 @torch.no_grad()
@@ -287,7 +319,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     check_every = 1 if device.type == "cpu" else SYNC_EVERY
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
-    with onednn_linears(model) if onednn else nullcontext():
+    with onednn_linears(model, B) if onednn else nullcontext():
         for t in range(max_new_tokens):
             logits = model.lm_head(hidden)  # (B, V)
             token = sample_next(logits, temperature, top_p, None if u is None else u[t])  # (B,)

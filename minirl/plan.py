@@ -6,9 +6,12 @@ the run the same command trains; flags that do not change memory (--lr, --steps,
 
 A step (DESIGN.md, "The math") has two phases; the run's peak is the larger of their peaks.
 1. Generation: G completions of one root prefix, gen_batch at a time (0: all G), into a KV cache
-   allocated whole up front. Held: the weights, the LoRA state, the cache. Transient, one after the
-   other: the prefill's activations, then a decode step's sampling buffers (the last position's
-   logits, logits / τ and its softmax in fp32; torch.multinomial adds no B×V buffer).
+   allocated whole up front. Held: the weights, the LoRA state, the cache, and on an x86 CPU in fp32 a
+   copy of the large matrices in oneDNN's layout (generate.packed_weight; kept from the first decode
+   on, so held in the update too). Transient, one after the other: the prefill's activations, then a
+   decode step's sampling buffers (the last position's logits, and an fp32 copy unless they are fp32:
+   the exp is taken in place; the inverse CDF copies them only where V has no block size of 16 to 256
+   dividing it).
 2. Update: train_batch completions at a time (every method, rl/), T = T_prompt + max_new_tokens tokens
    each, through a forward whose graph starts at the first adapted layer (model.py), then a backward.
    Held: the weights, the LoRA state and gradients, the adapted layers' kept activations
@@ -39,9 +42,12 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from minirl.cli import positive, run_cli, tiny_defaults
 from minirl.config import TrainConfig, build_parser as train_parser, config_from_args, resumed_config
 from minirl.errors import InputError
+from minirl.generate import ONEDNN_MIN_WEIGHT, REORDER_MAX_BYTES, cdf_block, onednn_available
 from minirl.kernels.fused_logprobs import chunk_width
 from minirl.lora import parse_layers, parse_targets
 from minirl.model import ModelConfig
@@ -109,6 +115,13 @@ def parameter_count(c: ModelConfig) -> int:
     per_layer = sum(i * o + (o if biases[t] else 0) for t, (i, o) in shapes.items()) + 2 * D
     per_layer += 2 * c.head_dim if c.qk_norm else 0
     return c.vocab_size * D * (1 if c.tie_word_embeddings else 2) + D + c.num_hidden_layers * per_layer
+
+
+def onednn_entries(c: ModelConfig) -> int:
+    """Entries of the matrices a CPU decode step reorders for oneDNN: those of at least ONEDNN_MIN_WEIGHT."""
+    layers = sum(i * o for i, o in linear_shapes(c).values() if i * o >= ONEDNN_MIN_WEIGHT)
+    head = c.vocab_size * c.hidden_size
+    return c.num_hidden_layers * layers + (head if head >= ONEDNN_MIN_WEIGHT else 0)
 
 
 def lora_parameter_count(c: ModelConfig, targets, n_layers: int, rank: int) -> int:
@@ -261,6 +274,9 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
         raise InputError(f"--prompt-tokens {Tp} + --max-new-tokens {cfg.max_new_tokens}: {T} tokens is "
                          f"past the model's max_position_embeddings ({c.max_position_embeddings})")
     weights = parameter_count(c) * s
+    # On an x86 CPU, decoding keeps a copy of the large fp32 matrices in oneDNN's layout (generate.packed_weight)
+    reordered = 4 * onednn_entries(c) if cfg.dtype == "fp32" and onednn_available(torch.device(cfg.device)) else 0
+    reordered = reordered if reordered <= REORDER_MAX_BYTES else 0
 
     B = min(cfg.gen_batch or cfg.group_size, cfg.group_size)
     # generate prefills each distinct prefix once (here one root for the B rows), into its own k, v
@@ -272,8 +288,10 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
               "KV cache": 2 * L * B * Hkv * T * Dh * s},
         transient={"prefill activations": Tp * no_grad_bytes_per_token(c, s, targets) + scores
                                           + 2 * L * Hkv * Tp * Dh * s,
-                   "sampling logits": B * V * (s + 8)})
-    if attention == "math":  # one layer's cached k, v: in fp32, repeated to H heads (GQA), k scaled
+                   "sampling logits": B * V * (s + (4 if s != 4 else 0) + (4 if V % cdf_block(V) else 0))})
+    # One layer's cached k, v in fp32, repeated to H heads (GQA), k scaled. Not on the CPU, whose decode step
+    # multiplies each key/value head's query heads as one block (model.grouped_query_attention): no copies.
+    if attention == "math" and str(cfg.device).startswith("cuda"):
         copies = H + (2 * H if H != Hkv else 0) + (2 * Hkv if s != 4 else 0)
         generation.transient["decode step, math attention"] = 4 * B * T * Dh * copies
 
@@ -297,6 +315,9 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
         transient={"forward of the top layer": tokens * forward,
                    "backward of the top layer": tokens * (rebuilt + backward),
                    "log-prob workspace": logprob_workspace(N, V, D, s, str(cfg.device).startswith("cuda"))})
+    if reordered:  # made by the first generation and kept, so held in both phases
+        generation.held["weights in oneDNN's layout (x86 CPU decode)"] = reordered
+        update.held["weights in oneDNN's layout (x86 CPU decode)"] = reordered
     if cfg.method != "tspmo":  # the KL reference: a no-grad forward of the same batch while the graph is held
         update.transient["reference forward (KL)"] = tokens * no_grad_bytes_per_token(c, s, ())
     return Plan(generation, update, attention)

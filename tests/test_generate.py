@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 
 from conftest import random_model
 from minirl import generate
@@ -22,7 +23,7 @@ def test_inverse_cdf_takes_the_first_token_whose_cumulative_mass_reaches_u():
     logits = torch.tensor([[-math.inf, math.log(0.25), -math.inf, math.log(0.75), -math.inf]]).expand(6, 5)
     u = torch.tensor([1e-12, 0.2, 0.25, 0.2500001, 0.9, 1.0], dtype=torch.float64)
     # Tokens 0, 2 and 4 have probability 0 and are never drawn, not even at the ends of (0, 1].
-    assert gen.sample_next(logits, 1.0, 1.0, u).tolist() == [1, 1, 1, 3, 3, 3]
+    assert gen.sample_next(logits.clone(), 1.0, 1.0, u).tolist() == [1, 1, 1, 3, 3, 3]  # it overwrites them
     assert gen.sample_next(logits, 0.0, 1.0, u).tolist() == [3] * 6  # τ = 0: argmax
 
 
@@ -150,13 +151,27 @@ def test_onednn_decode_matches_nn_linear_and_leaves_the_model_as_it_was(monkeypa
     model = random_model(seed=9, vocab_size=2 ** 19 // 32)  # lm_head 16,384 × 32: just large enough
     used = []
     forward = gen._onednn_forward
-    monkeypatch.setattr(gen, "_onednn_forward", lambda m, x: used.append(m) or forward(m, x))
+    monkeypatch.setattr(gen, "_onednn_forward", lambda m, packed, x: used.append(m) or forward(m, packed, x))
     for kwargs in (dict(temperature=0.0), dict(temperature=1.0)):
         plain = generate(model, PROMPTS, 6, generator=torch.Generator().manual_seed(2), onednn=False, **kwargs)
         fast = generate(model, PROMPTS, 6, generator=torch.Generator().manual_seed(2), onednn=True, **kwargs)
         assert fast == plain
     assert used and set(used) == {model.lm_head}  # the layers' matrices are below the threshold
     assert "forward" not in vars(model.lm_head)
+
+    # The reordered copy follows the weight: written in place (a new version), or replaced by another tensor.
+    for change in (lambda w: w.mul_(-1.5), lambda w: setattr(model.lm_head, "weight", nn.Parameter(w.flip(0)))):
+        with torch.no_grad():
+            change(model.lm_head.weight)
+        plain = generate(model, PROMPTS, 6, temperature=0.0, onednn=False)
+        assert generate(model, PROMPTS, 6, temperature=0.0, onednn=True) == plain
+
+    # Past REORDER_MAX_BYTES no copy is made or kept: oneDNN multiplies on the plain weight.
+    gen.reordered_weights.clear()
+    monkeypatch.setattr(gen, "REORDER_MAX_BYTES", 0)
+    plain = generate(model, PROMPTS, 6, temperature=0.0, onednn=False)
+    assert generate(model, PROMPTS, 6, temperature=0.0, onednn=True) == plain
+    assert model.lm_head not in gen.reordered_weights
 
     def fail(*args):
         raise RuntimeError("interrupted")
