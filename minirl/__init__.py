@@ -3,7 +3,7 @@
 See DESIGN.md (shipped as DESIGN.md in the repository) for the layout, the public API and the math.
 """
 
-from minirl.checkpoint import load_pretrained, save_pretrained
+from minirl.pretrained import load_pretrained, save_pretrained
 from minirl.generate import generate
 from minirl.model import Decoder, ModelConfig
 

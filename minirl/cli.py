@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from minirl.checkpoint import load_pretrained
+from minirl.pretrained import load_pretrained
 from minirl.errors import InputError
 from minirl.tasks import TASKS
 

@@ -253,7 +253,7 @@ def onednn_linears(model, batch: int):
     weight in oneDNN's blocked layout (packed_weight), kept for the next call.
 
     A decode step multiplies a few rows (B) by every weight matrix. At B = 8 it is bound by reading the
-    weights from memory, which MKL's sgemm (what nn.Linear calls) does at 3–4 GB/s on one core of this
+    weights from memory, which MKL's sgemm (what nn.Linear calls) does at 4–5 GB/s on one core of this
     machine's Xeon and oneDNN on the blocked layout at 6–7 GB/s (SmolLM2-135M's layers, DESIGN.md); at
     B = 50 both compute, oneDNN a little faster. The copy costs the weights' memory once more (the
     planner counts it) and is made at about 1.3 GB/s, once while the weights are frozen. Above

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import save as safetensors_bytes
 
-from minirl.checkpoint import open_safetensors
+from minirl.pretrained import open_safetensors
 from minirl.errors import InputError
 from minirl.files import write_atomic
 

@@ -155,12 +155,12 @@ def load_svamp(path=SVAMP_PATH) -> list[Problem]:
             raise InputError(f"{path}: problem {i}: expected an object with Body, Question and Answer, "
                              f"got {short(item)}")
         where = f"{path}: problem {i}" + (f" (ID {item['ID']})" if isinstance(item.get("ID"), str) else "")
-        for field in ("Body", "Question", "Answer"):
-            if field not in item:
-                raise InputError(f"{where}: field {field!r} is missing")
-        for field in ("Body", "Question"):
-            if not isinstance(item[field], str) or not item[field].strip():
-                raise InputError(f"{where}: field {field!r}: expected non-empty text, got {short(item[field])}")
+        for name in ("Body", "Question", "Answer"):
+            if name not in item:
+                raise InputError(f"{where}: field {name!r} is missing")
+        for name in ("Body", "Question"):
+            if not isinstance(item[name], str) or not item[name].strip():
+                raise InputError(f"{where}: field {name!r}: expected non-empty text, got {short(item[name])}")
         answer = item["Answer"]
         if (isinstance(answer, bool) or not isinstance(answer, (int, float)) or not math.isfinite(answer)
                 or answer != int(answer)):

@@ -16,7 +16,7 @@ import torch
 
 from conftest import random_model
 from minirl import train
-from minirl.checkpoint import load_pretrained
+from minirl.pretrained import load_pretrained
 from minirl.generate import generate
 from minirl.lora import add_lora, lora_parameters
 from minirl.model import rope_cos_sin

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import random_model, write_hf_folder
 from minirl import evaluate, tasks, train
-from minirl.checkpoint import load_pretrained
+from minirl.pretrained import load_pretrained
 from minirl.errors import InputError
 from minirl.kernels import gathered_logprobs
 from minirl.logprobs import selected_logprobs

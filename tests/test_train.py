@@ -24,7 +24,7 @@ import torch
 
 from minirl import config as config_module
 from minirl import evaluate, train
-from minirl.checkpoint import load_pretrained
+from minirl.pretrained import load_pretrained
 from minirl.lora import load_adapter, lora_modules
 from minirl.tiny import tiny_model_path
 

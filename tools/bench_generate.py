@@ -2,11 +2,12 @@
 
 Both decode a batch of prompts of different lengths (left-padded, with an attention mask for
 transformers) to exactly --new-tokens new tokens each (no EOS), greedy or sampled. Each side is
-called once first ("first call": for minirl this includes compiling the decode step), then the two
-are timed alternately for --rounds rounds, so that a burst of load from elsewhere hits both alike;
-the figures are the medians. The figure to quote is the ratio, measured in one run: machines here
-are shared and noisy. On the CPU the same figures from process CPU time follow (with one thread, what
-an unloaded machine's wall clock would show; other processes' load does not enter them).
+called once first ("first call": for minirl this includes compiling the decode step where it
+compiles, and reordering the weights for oneDNN on an x86 CPU), then the two are timed alternately
+for --rounds rounds, so that a burst of load from elsewhere hits both alike; the figures are the
+medians. The figure to quote is the ratio, measured in one run: machines here are shared and noisy.
+On the CPU the same figures from process CPU time follow (with one thread, what an unloaded machine's
+wall clock would show; other processes' load does not enter them).
 
     OMP_NUM_THREADS=1 python tools/bench_generate.py --shape smollm2-135m --batch 8 --temperature 1
     OMP_NUM_THREADS=1 python tools/bench_generate.py --shape qwen2.5-0.5b --batch 50 --temperature 1
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_hf_folder  # noqa: E402
 
 from minirl import generate, load_pretrained  # noqa: E402
-from minirl.checkpoint import parse_dtype  # noqa: E402
+from minirl.pretrained import parse_dtype  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate, vocab, tied) of real models; "small" is the old default.
 SHAPES = {
