@@ -236,6 +236,17 @@ def packed_weight(module, batch: int):
     return kept[2]
 
 
+def reordered_bytes(entries: int) -> int:
+    """Bytes a CPU decode keeps reordered for this many fp32 weight entries: all of them, or none past
+    REORDER_MAX_BYTES. What onednn_linears does, and what the planner counts."""
+    return 4 * entries if 4 * entries <= REORDER_MAX_BYTES else 0
+
+
+def kept_reordered_bytes() -> int:
+    """Bytes held now by the reordered copies of every live model (tools/measure_peak.py)."""
+    return sum(4 * packed.numel() for _, _, packed in reordered_weights.values())
+
+
 def _onednn_forward(module, packed, x):
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, module.bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
@@ -262,7 +273,7 @@ def onednn_linears(model, batch: int):
     """
     large = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
              and m.weight.numel() >= ONEDNN_MIN_WEIGHT]
-    reorder = 4 * sum(m.weight.numel() for m in large) <= REORDER_MAX_BYTES
+    reorder = reordered_bytes(sum(m.weight.numel() for m in large)) > 0
     try:
         for m in large:
             m.forward = functools.partial(_onednn_forward, m, packed_weight(m, batch) if reorder else m.weight)

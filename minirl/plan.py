@@ -47,7 +47,7 @@ import torch
 from minirl.cli import positive, run_cli, tiny_defaults
 from minirl.config import TrainConfig, build_parser as train_parser, config_from_args, resumed_config
 from minirl.errors import InputError
-from minirl.generate import ONEDNN_MIN_WEIGHT, REORDER_MAX_BYTES, cdf_block, onednn_available
+from minirl.generate import ONEDNN_MIN_WEIGHT, cdf_block, onednn_available, reordered_bytes
 from minirl.kernels.fused_logprobs import chunk_width
 from minirl.lora import parse_layers, parse_targets
 from minirl.model import ModelConfig
@@ -274,9 +274,10 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
         raise InputError(f"--prompt-tokens {Tp} + --max-new-tokens {cfg.max_new_tokens}: {T} tokens is "
                          f"past the model's max_position_embeddings ({c.max_position_embeddings})")
     weights = parameter_count(c) * s
+    cuda = str(cfg.device).startswith("cuda")
     # On an x86 CPU, decoding keeps a copy of the large fp32 matrices in oneDNN's layout (generate.packed_weight)
-    reordered = 4 * onednn_entries(c) if cfg.dtype == "fp32" and onednn_available(torch.device(cfg.device)) else 0
-    reordered = reordered if reordered <= REORDER_MAX_BYTES else 0
+    x86_fp32 = cfg.dtype == "fp32" and onednn_available(torch.device(cfg.device))
+    reordered = reordered_bytes(onednn_entries(c)) if x86_fp32 else 0
 
     B = min(cfg.gen_batch or cfg.group_size, cfg.group_size)
     # generate prefills each distinct prefix once (here one root for the B rows), into its own k, v
@@ -291,7 +292,7 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
                    "sampling logits": B * V * (s + (4 if s != 4 else 0) + (4 if V % cdf_block(V) else 0))})
     # One layer's cached k, v in fp32, repeated to H heads (GQA), k scaled. Not on the CPU, whose decode step
     # multiplies each key/value head's query heads as one block (model.grouped_query_attention): no copies.
-    if attention == "math" and str(cfg.device).startswith("cuda"):
+    if attention == "math" and cuda:
         copies = H + (2 * H if H != Hkv else 0) + (2 * Hkv if s != 4 else 0)
         generation.transient["decode step, math attention"] = 4 * B * T * Dh * copies
 
@@ -314,10 +315,9 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
               "final norm, hidden states, RoPE tables": tokens * (4 * D + 4 + s * D + 2 * s * Dh)},
         transient={"forward of the top layer": tokens * forward,
                    "backward of the top layer": tokens * (rebuilt + backward),
-                   "log-prob workspace": logprob_workspace(N, V, D, s, str(cfg.device).startswith("cuda"))})
-    if reordered:  # made by the first generation and kept, so held in both phases
-        generation.held["weights in oneDNN's layout (x86 CPU decode)"] = reordered
-        update.held["weights in oneDNN's layout (x86 CPU decode)"] = reordered
+                   "log-prob workspace": logprob_workspace(N, V, D, s, cuda)})
+    for phase in (generation, update) if reordered else ():  # made by the first generation and kept
+        phase.held["weights in oneDNN's layout (x86 CPU decode)"] = reordered
     if cfg.method != "tspmo":  # the KL reference: a no-grad forward of the same batch while the graph is held
         update.transient["reference forward (KL)"] = tokens * no_grad_bytes_per_token(c, s, ())
     return Plan(generation, update, attention)

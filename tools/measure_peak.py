@@ -58,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirl.config import config_from_args  # noqa: E402
 from minirl.config import build_parser as train_parser  # noqa: E402
-from minirl.generate import generate, reordered_weights  # noqa: E402
+from minirl.generate import generate, kept_reordered_bytes  # noqa: E402
 from minirl.logprobs import selected_logprobs  # noqa: E402
 from minirl.lora import add_lora, lora_parameters  # noqa: E402
 from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
@@ -185,8 +185,7 @@ def measure(config: ModelConfig, cfg, prompt_tokens: int = 60, attention: str = 
     # time, library workspaces, glibc's small-block heap. Not tensors, so not in the plan: it moves
     # into the baseline of the second step, and is reported on its own.
     # The reordered weights a CPU decode keeps (generate.packed_weight) are tensors the plan counts, not libraries'.
-    reordered = sum(4 * kept[2].numel() for kept in reordered_weights.values())
-    libraries = proc_bytes("VmRSS") - start - built - reordered
+    libraries = proc_bytes("VmRSS") - start - built - kept_reordered_bytes()
     baseline = start + libraries
     with attention_kernel(config, cfg, attention):
         warm = training_step(model, optimizer, cfg, prompt_tokens, generator)
