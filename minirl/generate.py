@@ -264,12 +264,12 @@ def onednn_linears(model, batch: int):
     weight in oneDNN's blocked layout (packed_weight), kept for the next call.
 
     A decode step multiplies a few rows (B) by every weight matrix. At B = 8 it is bound by reading the
-    weights from memory, which MKL's sgemm (what nn.Linear calls) does at 4–5 GB/s on one core of this
-    machine's Xeon and oneDNN on the blocked layout at 6–7 GB/s (SmolLM2-135M's layers, DESIGN.md); at
-    B = 50 both compute, oneDNN a little faster. The copy costs the weights' memory once more (the
-    planner counts it) and is made at about 1.3 GB/s, once while the weights are frozen. Above
-    REORDER_MAX_BYTES of such weights (Qwen2-1.5B: 5.7 GiB) that memory would decide whether a CPU run
-    fits at all, so oneDNN multiplies on the plain weights instead (5–6 GB/s).
+    weights from memory, which oneDNN on the blocked layout does 1.7–2.0× as fast as MKL's sgemm (what
+    nn.Linear calls) on one core (tools/bench_decode_matmul.py, DESIGN.md); at B = 50 both compute, oneDNN
+    about 1.1× as fast. The copy costs the weights' memory once more (the planner counts it) and about 3.5
+    of MKL's passes over the weights to make, once while they are frozen. Above REORDER_MAX_BYTES of such
+    weights (Qwen2-1.5B: 5.7 GiB) that memory would decide whether a CPU run fits at all, so oneDNN
+    multiplies on the plain weights instead (1.2–1.7× MKL's rate).
     """
     large = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
              and m.weight.numel() >= ONEDNN_MIN_WEIGHT]
