@@ -9,18 +9,25 @@ medians. The figure to quote is the ratio, measured in one run: machines here ar
 On the CPU the same figures from process CPU time follow (with one thread, what an unloaded machine's
 wall clock would show; other processes' load does not enter them).
 
+Last, one more call of each side with every weight product timed (nn.Linear's, and minirl's oneDNN
+ones): the share of each call spent in them, and the ceiling they put on the ratio: transformers' call
+over minirl's products alone, the ratio minirl would reach if nothing but its products took time.
+
     OMP_NUM_THREADS=1 python tools/bench_generate.py --shape smollm2-135m --batch 8 --temperature 1
     OMP_NUM_THREADS=1 python tools/bench_generate.py --shape qwen2.5-0.5b --batch 50 --temperature 1
     python tools/bench_generate.py --shape qwen2-1.5b --device cuda --dtype bf16
 """
 
 import argparse
+import importlib
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import write_hf_folder  # noqa: E402
@@ -35,6 +42,28 @@ SHAPES = {
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936, True),
     "qwen2-1.5b": (1536, 28, 12, 2, 8960, 151936, True),
 }
+
+
+@contextmanager
+def timed_products(seconds: list):
+    """Adds to seconds[0] the wall time of every weight product: nn.Linear's forward, and the oneDNN
+    product minirl.generate puts in its place while decoding on an x86 CPU."""
+    decoding = importlib.import_module("minirl.generate")
+    linear, onednn = nn.Linear.forward, decoding._onednn_forward
+
+    def timing(fn):
+        def run(*args):
+            start = time.perf_counter()
+            out = fn(*args)
+            seconds[0] += time.perf_counter() - start
+            return out
+        return run
+
+    nn.Linear.forward, decoding._onednn_forward = timing(linear), timing(onednn)
+    try:
+        yield
+    finally:
+        nn.Linear.forward, decoding._onednn_forward = linear, onednn
 
 
 def main():
@@ -124,6 +153,18 @@ def main():
         ca, cb = (statistics.median(cpu_seconds[k][1:]) for k in ("ours", "theirs"))
         print(f"cpu time: minirl {n / ca:.1f} tokens/s, transformers {n / cb:.1f} tokens/s, ratio {cb / ca:.2f}x; "
               f"first calls {cpu_seconds['ours'][0]:.2f} s and {cpu_seconds['theirs'][0]:.2f} s")
+    if args.device.startswith("cuda"):
+        return  # a product's wall time is its launch there, not its work
+    call, products = {}, {}
+    for who, fn in (("ours", run_ours), ("theirs", run_theirs)):
+        spent = [0.0]
+        with timed_products(spent):
+            call[who] = seconds(fn, who)
+        products[who] = spent[0]
+    print(f"weight products: minirl {products['ours']:.2f} s of its {call['ours']:.2f} s call "
+          f"({products['ours'] / call['ours']:.0%}), transformers {products['theirs']:.2f} s of {call['theirs']:.2f} s "
+          f"({products['theirs'] / call['theirs']:.0%}); the ratio if minirl's products were all it spent: "
+          f"{call['theirs'] / products['ours']:.2f}x")
 
 
 if __name__ == "__main__":
