@@ -46,8 +46,10 @@ CACHE_BUCKET = 64  # compiled decode: the cache length is rounded up to a multip
 
 
 def cdf_block(V: int) -> int:
-    """inverse_cdf's block width: a divisor of V of at least 16 where there is one (no padded copy of the
-    weights; 151,936 = 1,187 · 128), else SAMPLE_BLOCK."""
+    """inverse_cdf's block width: V itself up to SAMPLE_BLOCK (one block), else a divisor of V of at least
+    16 where there is one (no padded copy of the weights; 151,936 = 1,187 · 128), else SAMPLE_BLOCK."""
+    if V <= SAMPLE_BLOCK:
+        return V
     k = math.gcd(V, SAMPLE_BLOCK)
     return k if k >= 16 else SAMPLE_BLOCK
 
@@ -55,12 +57,17 @@ def cdf_block(V: int) -> int:
 def inverse_cdf(weights, u):
     """Per row, the first index i with Σ_{j≤i} w_j ≥ u · Σ_j w_j: weights (B, V) ≥ 0, unnormalised, u (B,) ∈ (0, 1].
 
-    In two levels, the sums of blocks of SAMPLE_BLOCK weights, then the weights inside the block found:
-    B·(V/k + k) prefix sums instead of B·V (a prefix sum is sequential; a block sum is not). A weight of
+    In two levels, the sums of blocks of k = cdf_block(V) weights, then the weights inside the block found:
+    B·(V/k + k) prefix sums instead of B·V (a prefix sum is sequential; a block sum is not); a vocabulary
+    of one block, in one (its ops, not its sums, are then the cost). A weight of
     0 leaves the prefix sums flat and never comes first, so a token of probability 0 is never drawn.
     """
     B, V = weights.shape
     k = cdf_block(V)
+    if k == V:  # one block: at the tiny model's V = 87, a seventh of the two levels' time
+        cdf = weights.cumsum(dim=-1)  # (B, V)
+        target = (u.to(torch.float64) * cdf[:, -1]).to(cdf.dtype)  # (B,), in (0, total]
+        return torch.searchsorted(cdf, target[:, None]).squeeze(-1).clamp_(max=V - 1)
     if V % k:
         weights = F.pad(weights, (0, -V % k))  # zero weights fill the last block
     blocks = weights.view(B, -1, k)  # (B, nb, k)

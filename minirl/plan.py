@@ -10,8 +10,8 @@ A step (DESIGN.md, "The math") has two phases; the run's peak is the larger of t
    copy of the large matrices in oneDNN's layout (generate.packed_weight; kept from the first decode
    on, so held in the update too). Transient, one after the other: the prefill's activations, then a
    decode step's sampling buffers (the last position's logits, and an fp32 copy unless they are fp32:
-   the exp is taken in place; the inverse CDF copies them only where V has no block size of 16 to 256
-   dividing it).
+   the exp is taken in place; the inverse CDF copies them only where V is over 256 and no block size of
+   16 to 256 divides it; up to 256, its one prefix sum of at most 1 KiB a row is left out).
 2. Update: train_batch completions at a time (every method, rl/), T = T_prompt + max_new_tokens tokens
    each, through a forward whose graph starts at the first adapted layer (model.py), then a backward.
    Held: the weights, the LoRA state and gradients, the adapted layers' kept activations

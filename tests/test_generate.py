@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import random_model
 from minirl import generate
@@ -32,6 +33,17 @@ def test_inverse_cdf_across_blocks_lands_on_the_right_token():
     weights[:, 255], weights[:, 256], weights[:, 700] = 1.0, 1.0, 2.0
     u = torch.tensor([1e-12, 0.25, 0.2500001, 0.5, 0.5000001, 0.99, 1.0], dtype=torch.float64)
     assert gen.inverse_cdf(weights, u).tolist() == [255, 255, 256, 256, 700, 700, 700]
+
+
+def test_one_block_and_two_levels_draw_the_same_tokens():
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(1, 200, generator=g) * (torch.rand(1, 200, generator=g) > 0.3)  # some of probability 0
+    u = torch.linspace(1e-9, 1.0, 5000, dtype=torch.float64)
+    one = gen.inverse_cdf(weights.expand(5000, 200), u)  # V = 200: one block
+    two = gen.inverse_cdf(F.pad(weights, (0, 824)).expand(5000, 1024), u)  # zeros to V = 1024: four blocks
+    assert gen.cdf_block(200) == 200 and gen.cdf_block(1024) == 256
+    assert torch.equal(one, two) and bool((weights[0, one] > 0).all())
+    assert len(set(one.tolist())) > 100  # the grid reaches most tokens, not a few
 
 
 def test_grouped_query_attention_equals_sdpa():
