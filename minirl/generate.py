@@ -58,9 +58,9 @@ def inverse_cdf(weights, u):
     """Per row, the first index i with Σ_{j≤i} w_j ≥ u · Σ_j w_j: weights (B, V) ≥ 0, unnormalised, u (B,) ∈ (0, 1].
 
     In two levels, the sums of blocks of k = cdf_block(V) weights, then the weights inside the block found:
-    B·(V/k + k) prefix sums instead of B·V (a prefix sum is sequential; a block sum is not); a vocabulary
-    of one block, in one (its ops, not its sums, are then the cost). A weight of
-    0 leaves the prefix sums flat and never comes first, so a token of probability 0 is never drawn.
+    B·(V/k + k) prefix sums instead of B·V (a prefix sum is sequential; a block sum is not). A vocabulary
+    of one block (V ≤ SAMPLE_BLOCK) takes one level: there the ops, not the sums, are the cost. A weight
+    of 0 leaves the prefix sums flat and never comes first, so a token of probability 0 is never drawn.
     """
     B, V = weights.shape
     k = cdf_block(V)
