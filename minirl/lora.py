@@ -103,6 +103,13 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def first_adapted_layer(model: nn.Module) -> int:
+    """The lowest layer that holds an adapter (the number of layers if none): the layers below it compute
+    the same with the adapters on or off, in π_θ and in π_ref alike."""
+    adapted = [int(re.match(r"model\.layers\.(\d+)\.", name)[1]) for name, _ in lora_modules(model)]
+    return min(adapted, default=len(model.model.layers))
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """A and B of every adapter, in module order: what the optimizer gets."""
     return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]

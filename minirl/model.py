@@ -368,7 +368,8 @@ class Decoder(nn.Module):
         """RoPE's (cos, sin) at positions (B, T), with this model's θ and scaling: (B, T, Dh) each."""
         return rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype, self.config.rope_scaling)
 
-    def hidden_states(self, input_ids, positions=None, mask=None, cache=None, cache_start=0, rope=None, check=True):
+    def hidden_states(self, input_ids, positions=None, mask=None, cache=None, cache_start=0, rope=None, check=True,
+                      start=None, stop=None):
         """Final-norm hidden states (B, T, D).
 
         positions: (B, T) RoPE positions, default 0..T−1 (after cache_start when a cache is given).
@@ -378,6 +379,9 @@ class Decoder(nn.Module):
         rope: (cos, sin) of these positions, (B, T, Dh) each, when the caller has them (generate's table).
         check: False skips the token-id and position checks, each a host synchronisation; generate checks
         its prefixes once, and the ids it samples are in the vocabulary by construction.
+        start, stop: run the layers [i, stop) only. start = (i, x) resumes from x (B, T, D), the output of the
+        layers below i; with stop, the output of layer stop − 1 comes back, without the final norm. GRPO's
+        KL reference shares the layers below the first adapter with the policy so (logprobs.py).
         """
         B, T = input_ids.shape
         if positions is None and rope is None:
@@ -390,18 +394,19 @@ class Decoder(nn.Module):
         # Under no_grad (every decode step) the search is skipped: it walks every parameter of the model.
         first_trainable = next((i for i, layer in enumerate(self.model.layers)
                                 if grad and any(p.requires_grad for p in layer.parameters())), len(self.model.layers))
-        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        begin, x = start if start is not None else (0, self.model.embed_tokens(input_ids))  # x: (B, T, D)
         cos, sin = rope if rope is not None else self.rope(positions, x.dtype)
         # Never with a KV cache: the backward's recomputation would write the layer's k and v a second time.
         recompute = self.checkpoint_layers and grad and cache is None
-        for i, layer in enumerate(self.model.layers):
+        for i in range(begin, len(self.model.layers) if stop is None else stop):
+            layer = self.model.layers[i]
             # Frozen layers below every adapter need no graph: the backward stops at layer first_trainable.
             with torch.set_grad_enabled(grad and i >= first_trainable):
                 if recompute and i >= first_trainable:
                     x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)  # keeps x, (B, T, D)
                 else:
                     x = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_start)
-        return self.model.norm(x)
+        return x if stop is not None else self.model.norm(x)
 
     def forward(self, input_ids, **kwargs):
         return self.lm_head(self.hidden_states(input_ids, **kwargs))  # (B, T, V)

@@ -18,7 +18,8 @@ A step (DESIGN.md, "The math") has two phases; the run's peak is the larger of t
    (`saved_bytes_per_token`, checked against autograd's saved tensors in tests/test_plan.py; with
    checkpoint_layers only each layer's input, the backward rebuilding one layer at a time), the final
    norm's input, the hidden states, the RoPE tables. Transient: the top layer's forward or backward,
-   the log-prob workspace, or (GRPO, S-GRPO) the KL reference forward of the same batch without grad.
+   the log-prob workspace, or (GRPO, S-GRPO with β > 0) the KL reference forward of the same batch
+   without grad, from the output of the layers below the first adapter (kept from the policy's forward).
    The frozen layers' no-grad forward is narrower than one adapted layer's kept set: never the peak.
 A replayed T-SPMO group samples only what its root leaves of the cap (rl/tspmo.py), so it is never
 longer than a fresh one and needs no case of its own.
@@ -318,8 +319,10 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, prompt_tokens: int = 60, 
                    "log-prob workspace": logprob_workspace(N, V, D, s, cuda)})
     for phase in (generation, update) if reordered else ():  # made by the first generation and kept
         phase.held["weights in oneDNN's layout (x86 CPU decode)"] = reordered
-    if cfg.method != "tspmo":  # the KL reference: a no-grad forward of the same batch while the graph is held
-        update.transient["reference forward (KL)"] = tokens * no_grad_bytes_per_token(c, s, ())
+    if cfg.method != "tspmo" and cfg.beta > 0:  # the KL reference: the adapted layers without grad, graph held;
+        below = tokens * s * D  # the layers below them ran once for both, their output kept until then
+        update.transient["forward of the top layer"] += below
+        update.transient["reference forward (KL)"] = tokens * no_grad_bytes_per_token(c, s, ()) + below
     return Plan(generation, update, attention)
 
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from conftest import random_model
 from minirl.errors import InputError
 from minirl.logprobs import selected_logprobs
+from minirl.lora import add_lora, disable_adapters, lora_parameters
 
 
 def reference(model, sequences, picks, tau):
@@ -95,6 +96,28 @@ def test_one_forward_cut_after_the_last_pick_and_no_full_logits():
 
 def test_no_picks_give_an_empty_tensor():
     assert selected_logprobs(random_model(0), [[1, 2, 3]], []).shape == (0,)
+    assert [x.shape for x in selected_logprobs(random_model(0), [[1, 2, 3]], [], reference=True)] == [(0,), (0,)]
+
+
+@pytest.mark.parametrize("layers, runs", [([2, 3], [1, 1, 2, 2]), ([0, 3], [2, 2, 2, 2])])
+def test_the_reference_shares_the_layers_below_the_first_adapter(layers, runs):
+    model = random_model(2, num_hidden_layers=4)
+    add_lora(model, targets=("q_proj", "v_proj"), layers=layers, rank=4, alpha=8,
+             generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # B = 0 would make π_θ and π_ref equal
+        for p in lora_parameters(model):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    sequences, picks = [[1, 2, 3, 4, 5], [6, 7, 8]], [(0, 4), (1, 1), (0, 2), (1, 2)]
+    counts = [0] * 4
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    logp, ref = selected_logprobs(model, sequences, picks, 0.7, reference=True)
+    assert counts == runs  # layers below the first adapter once, the others once for each policy
+    with torch.no_grad(), disable_adapters(model):
+        expected_ref = reference(model, sequences, picks, 0.7)
+    torch.testing.assert_close(logp, reference(model, sequences, picks, 0.7), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, expected_ref, atol=1e-5, rtol=1e-5)
+    assert (logp - ref).abs().max() > 1e-3 and logp.requires_grad and not ref.requires_grad
 
 
 @pytest.mark.parametrize("picks, message", [

@@ -16,8 +16,8 @@ peft.LoraConfig), the same group of G completions, the same losses (DESIGN.md, "
 A step is the forward, the backward and the AdamW step. Each variant runs in a fresh process after a
 warm-up step on two completions (lazy start-up and the AdamW moments stay out of the peak). Printed:
 step time (median of --repeats), peak memory above the process's state after that warm-up, and tokens
-through the model (input positions of every forward, padding and GRPO's reference forward included),
-each also as a ratio to the transformers + peft implementation of the same method. Peak memory: on
+through the model (input positions of every forward, padding and GRPO's reference forward included; a
+forward over part of the layers, as minirl's reference, counts that share of them), each also as a ratio to the transformers + peft implementation of the same method. Peak memory: on
 CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident set (VmHWM, reset through
 /proc/self/clear_refs), with glibc told to unmap freed blocks so the resident set follows the tensors
 (tools/_measure.py).
@@ -124,7 +124,8 @@ def hf_tspmo(model, prompt, completions, rewards, tau, train_batch):
 
 
 def load_variant(variant, folder, dtype, device):
-    """(model, LoRA parameters, token counter): the counter holds the input positions of every forward."""
+    """(model, LoRA parameters, token counter): the counter holds the input positions of every forward,
+    those of a forward over part of the layers (GRPO's KL reference, logprobs.py) in proportion."""
     counter = [0]
     if variant.startswith("hf-"):
         from peft import LoraConfig, get_peft_model
@@ -139,11 +140,12 @@ def load_variant(variant, folder, dtype, device):
         return model, [p for p in model.parameters() if p.requires_grad], counter
     model, _ = load_pretrained(folder, dtype=dtype, device=device)
     add_lora(model, layers="last-quarter", rank=RANK, alpha=ALPHA)
-    hidden_states = model.hidden_states
+    hidden_states, L = model.hidden_states, model.config.num_hidden_layers
 
-    def counted(input_ids, *args, **kwargs):
-        counter[0] += input_ids.numel()
-        return hidden_states(input_ids, *args, **kwargs)
+    def counted(input_ids, *args, start=None, stop=None, **kwargs):  # a forward over some layers: their share
+        layers = (L if stop is None else stop) - (0 if start is None else start[0])
+        counter[0] += input_ids.numel() * layers / L
+        return hidden_states(input_ids, *args, start=start, stop=stop, **kwargs)
 
     model.hidden_states = counted
     return model, lora_parameters(model), counter
@@ -284,14 +286,14 @@ def main():
         for variant in args.variants:
             results[variant] = in_fresh_process(variant, tmp, group_file, args)
             r = results[variant]
-            print(f"  {variant:<20} {r['seconds']:8.3f} s  {r['peak_bytes'] / 2**20:9.1f} MiB  {r['tokens']:7d} tokens", flush=True)
+            print(f"  {variant:<20} {r['seconds']:8.3f} s  {r['peak_bytes'] / 2**20:9.1f} MiB  {r['tokens']:7.0f} tokens", flush=True)
 
     print(f"\n{'variant':<20} {'step s':>8} {'peak MiB':>9} {'tokens':>7}   ratios to hf-<method>: time, memory, tokens")
     for variant, r in results.items():
         ref = results.get("hf-" + variant.split("-")[1])
         ratios = (f"{r['seconds'] / ref['seconds']:5.2f} {r['peak_bytes'] / ref['peak_bytes']:6.3f} "
                   f"{r['tokens'] / ref['tokens']:5.2f}") if ref and ref is not r else ""
-        print(f"{variant:<20} {r['seconds']:8.3f} {r['peak_bytes'] / 2**20:9.1f} {r['tokens']:7d}   {ratios}")
+        print(f"{variant:<20} {r['seconds']:8.3f} {r['peak_bytes'] / 2**20:9.1f} {r['tokens']:7.0f}   {ratios}")
     ours, packed, hf = results.get("minirl-tspmo"), results.get("minirl-tspmo-packed"), results.get("hf-tspmo")
     if hf and ours:
         print(f"aim: T-SPMO peak memory ≤ 1/3 of transformers+peft's: {ours['peak_bytes'] / hf['peak_bytes']:.3f}")

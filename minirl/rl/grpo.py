@@ -14,14 +14,14 @@ A group whose rewards are all equal has every A_i = 0 and gives no update.
 The backward runs `train_batch` completions at a time: their loss terms are backpropagated together
 and the graph is freed before the next batch, so memory grows with train_batch sequences, not with G
 (train_batch = 1 is the paper's one-at-a-time accumulation; the gradients are the same sum either way).
-The reference log-probs come from the same model inside `disable_adapters`, so the reference policy
-costs no memory.
+The reference log-probs come from the same model with its adapters off, so the reference policy costs
+no memory, and from the same forward below the first adapter (logprobs.selected_logprobs), so it costs
+only the adapted layers' forward.
 """
 
 import torch
 
 from minirl.logprobs import selected_logprobs
-from minirl.lora import disable_adapters
 from minirl.rl import GroupStats, StepStats
 
 EPS = 1e-4
@@ -53,13 +53,13 @@ def accumulate_gradients(model, prefix: list[int], completions: list[list[int]],
         picks = [(row, len(prefix) + t) for row, i in enumerate(batch) for t in tokens[i]]
         A = torch.tensor([float(advantages[i]) for i in batch for _ in tokens[i]])  # (N,)
         weight = torch.tensor([1.0 / (len(tokens[i]) * G) for i in batch for _ in tokens[i]])  # (N,) 1/(|T_i| G)
-        logp = selected_logprobs(model, sequences, picks, temperature)  # (N,)
-        terms = -A.to(logp.device) * logp
-        if beta > 0:
-            with torch.no_grad(), disable_adapters(model):
-                ref = selected_logprobs(model, sequences, picks, temperature)  # (N,)
+        if beta > 0:  # π_ref shares the layers below the first adapter with π_θ: they run once
+            logp, ref = selected_logprobs(model, sequences, picks, temperature, reference=True)  # (N,) each
             delta = ref - logp
-            terms = terms + beta * (torch.exp(delta) - delta - 1)
+            terms = -A.to(logp.device) * logp + beta * (torch.exp(delta) - delta - 1)
+        else:
+            logp = selected_logprobs(model, sequences, picks, temperature)  # (N,)
+            terms = -A.to(logp.device) * logp
         loss = (terms * weight.to(logp.device)).sum()
         loss.backward()
         stats.loss += loss.item()
