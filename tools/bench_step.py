@@ -17,8 +17,9 @@ A step is the forward, the backward and the AdamW step. Each variant runs in a f
 warm-up step on two completions (lazy start-up and the AdamW moments stay out of the peak). Printed:
 step time (median of --repeats), peak memory above the process's state after that warm-up, and tokens
 through the model (input positions of every forward, padding and GRPO's reference forward included; a
-forward over part of the layers, as minirl's reference, counts that share of them), each also as a ratio to the transformers + peft implementation of the same method. Peak memory: on
-CUDA torch.cuda.max_memory_allocated; on the CPU the peak resident set (VmHWM, reset through
+forward over part of the layers, as minirl's reference, counts that share of them), each also as a
+ratio to the transformers + peft implementation of the same method. Peak memory: on CUDA
+torch.cuda.max_memory_allocated; on the CPU the peak resident set (VmHWM, reset through
 /proc/self/clear_refs), with glibc told to unmap freed blocks so the resident set follows the tensors
 (tools/_measure.py).
 

@@ -55,11 +55,12 @@ def accumulate_gradients(model, prefix: list[int], completions: list[list[int]],
         weight = torch.tensor([1.0 / (len(tokens[i]) * G) for i in batch for _ in tokens[i]])  # (N,) 1/(|T_i| G)
         if beta > 0:  # π_ref shares the layers below the first adapter with π_θ: they run once
             logp, ref = selected_logprobs(model, sequences, picks, temperature, reference=True)  # (N,) each
-            delta = ref - logp
-            terms = -A.to(logp.device) * logp + beta * (torch.exp(delta) - delta - 1)
         else:
-            logp = selected_logprobs(model, sequences, picks, temperature)  # (N,)
-            terms = -A.to(logp.device) * logp
+            logp, ref = selected_logprobs(model, sequences, picks, temperature), None  # (N,)
+        terms = -A.to(logp.device) * logp
+        if ref is not None:
+            delta = ref - logp
+            terms = terms + beta * (torch.exp(delta) - delta - 1)
         loss = (terms * weight.to(logp.device)).sum()
         loss.backward()
         stats.loss += loss.item()
