@@ -5,6 +5,7 @@ See DESIGN.md (shipped as DESIGN.md in the repository) for the layout, the publi
 
 from minirl.pretrained import load_pretrained, save_pretrained
 from minirl.generate import generate
-from minirl.model import Decoder, ModelConfig
+from minirl.model import Decoder
+from minirl.model_config import ModelConfig
 
 __all__ = ["Decoder", "ModelConfig", "generate", "load_pretrained", "save_pretrained"]

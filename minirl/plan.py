@@ -51,7 +51,7 @@ from minirl.errors import InputError
 from minirl.generate import ONEDNN_MIN_WEIGHT, cdf_block, onednn_available, reordered_bytes
 from minirl.kernels.fused_logprobs import chunk_width
 from minirl.lora import parse_layers, parse_targets
-from minirl.model import ModelConfig
+from minirl.model_config import ModelConfig
 from minirl.tiny import tiny_model_path
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -109,7 +109,7 @@ def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def parameter_count(c: ModelConfig) -> int:
     """Embedding, lm_head unless tied, final norm; per layer its linear maps, their biases where the
-    family has them (model.py), two norms and Qwen3's q and k norms."""
+    family has them (model_config.py), two norms and Qwen3's q and k norms."""
     D, shapes = c.hidden_size, linear_shapes(c)
     biases = {"q_proj": c.qkv_bias, "k_proj": c.qkv_bias, "v_proj": c.qkv_bias, "o_proj": c.o_bias,
               "gate_proj": c.mlp_bias, "up_proj": c.mlp_bias, "down_proj": c.mlp_bias}

@@ -15,7 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minirl.errors import InputError
-from minirl.model import Decoder, ModelConfig
+from minirl.model import Decoder
+from minirl.model_config import ModelConfig
 from minirl.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -11,7 +11,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
+from minirl.model import Decoder, init_weights  # noqa: E402
+from minirl.model_config import ModelConfig  # noqa: E402
 from minirl.tiny import char_tokenizer  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

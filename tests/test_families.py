@@ -10,7 +10,8 @@ import torch
 from conftest import TINY, random_model, write_hf_folder
 from minirl import generate, load_pretrained, save_pretrained
 from minirl.errors import InputError
-from minirl.model import ModelConfig, rope_inv_freq
+from minirl.model import rope_inv_freq
+from minirl.model_config import ModelConfig
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}

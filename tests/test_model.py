@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import random_model, write_hf_folder
 from minirl import generate, load_pretrained, save_pretrained
 from minirl.errors import InputError
-from minirl.model import ModelConfig
+from minirl.model_config import ModelConfig
 from minirl.tiny import char_tokenizer
 
 CONFIGS = {

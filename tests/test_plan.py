@@ -27,7 +27,8 @@ from minirl.config import build_parser as train_parser
 from minirl.errors import InputError
 from minirl.generate import onednn_available
 from minirl.lora import TARGETS, add_lora, lora_parameters
-from minirl.model import Decoder, ModelConfig
+from minirl.model import Decoder
+from minirl.model_config import ModelConfig
 from minirl.plan import (SHAPES, adapter_bytes_per_token, build_parser, gib, largest_group, lora_parameter_count, main,
                          onednn_entries, parameter_count, parse_size, plan_memory, run_config, saved_bytes_per_token)
 from minirl.tiny import tiny_model_path

@@ -16,7 +16,8 @@ import torch
 from minirl import generate, load_pretrained
 from minirl.errors import InputError
 from minirl.evaluate import accuracy
-from minirl.model import Decoder, ModelConfig, init_weights
+from minirl.model import Decoder, init_weights
+from minirl.model_config import ModelConfig
 from minirl.tasks import multiplication
 from minirl.tiny import TINY_MODEL_DIR, char_tokenizer, tiny_model_path
 

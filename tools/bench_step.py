@@ -51,7 +51,8 @@ from _measure import MALLOC_ENV, proc_bytes, reset_peak  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minirl.pretrained import load_pretrained, save_pretrained  # noqa: E402
 from minirl.lora import add_lora, lora_parameters, parse_layers  # noqa: E402
-from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
+from minirl.model import Decoder, init_weights  # noqa: E402
+from minirl.model_config import ModelConfig  # noqa: E402
 from minirl.prefix_tree import tspmo_pairs  # noqa: E402
 from minirl.rl import grpo, tspmo  # noqa: E402
 from minirl.rl.sgrpo import sample_token_subset  # noqa: E402

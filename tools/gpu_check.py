@@ -236,7 +236,8 @@ def part_tspmo_step(smoke: bool, device: str) -> dict:
     from minirl.kernels.fused_logprobs import backend
     from minirl.logprobs import selected_logprobs
     from minirl.lora import add_lora, lora_parameters
-    from minirl.model import Decoder, ModelConfig, init_weights
+    from minirl.model import Decoder, init_weights
+    from minirl.model_config import ModelConfig
     from minirl.plan import add_plan_arguments, plan_memory, rows_per_forward, sequences_per_forward
 
     G, new, prompt = (4, 8, 6) if smoke else (50, 300, 60)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from minirl import generate, load_pretrained, save_pretrained
 from minirl.errors import InputError
-from minirl.model import Decoder, ModelConfig, init_weights
+from minirl.model import Decoder, init_weights
+from minirl.model_config import ModelConfig
 from minirl.tasks import multiplication, reward
 from minirl.tiny import TINY_MODEL_DIR, char_tokenizer, tiny_model_path
 from minirl.tokenizer import format_prompt

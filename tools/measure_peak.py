@@ -61,7 +61,8 @@ from minirl.config import build_parser as train_parser  # noqa: E402
 from minirl.generate import generate, kept_reordered_bytes  # noqa: E402
 from minirl.logprobs import selected_logprobs  # noqa: E402
 from minirl.lora import add_lora, lora_parameters  # noqa: E402
-from minirl.model import Decoder, ModelConfig, init_weights  # noqa: E402
+from minirl.model import Decoder, init_weights  # noqa: E402
+from minirl.model_config import ModelConfig  # noqa: E402
 from minirl.plan import (DTYPE_BYTES, add_plan_arguments, plan_memory, resolve_attention,  # noqa: E402
                          rows_per_forward, sequences_per_forward)
 from minirl.rl import grpo  # noqa: E402
