@@ -7,8 +7,7 @@ A frozen linear map y = W x + b (W: out × in) gets a trainable low-rank update 
 A starts as PEFT starts it, kaiming-uniform with a = √5, which is U(−1/√in, 1/√in); B starts at zero,
 so a fresh adapter changes nothing. The paper (DESIGN.md, "Shared setup") adapts q_proj and v_proj of
 the last layers only: the last third for SVAMP (r = 16), the last quarter for multiplication (r = 8).
-Every base parameter is frozen; `lora_parameters` is all the optimizer ever sees, and
-`lora_l2` = Σ_{W ∈ LoRA} ‖W‖² is the λ term of T-SPMO.
+Every base parameter is frozen; `lora_parameters` is all the optimizer ever sees.
 
 Precision. A and B are fp32 even when W is bf16: the adapter path casts x to fp32, computes
 s · B A x there, adds it to the base output and rounds once to the base dtype (as PEFT does). A bf16
@@ -113,14 +112,6 @@ def first_adapted_layer(model: nn.Module) -> int:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """A and B of every adapter, in module order: what the optimizer gets."""
     return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
-
-
-def lora_l2(model: nn.Module) -> torch.Tensor:
-    """Σ_{W ∈ LoRA} ‖W‖² over every A and B: T-SPMO's penalty before its factor λ (DESIGN.md)."""
-    params = lora_parameters(model)
-    if not params:
-        return torch.zeros(())
-    return torch.stack([p.square().sum() for p in params]).sum()
 
 
 def last_layers(n_layers: int, fraction: Fraction) -> list[int]:

@@ -178,7 +178,7 @@ def run(cfg: TrainConfig, model, tokenizer, inputs: Inputs, resume: bool, log) -
     log = log if lead else (lambda *a, **k: None)
     out, train_set, test_set, encode, reward = Path(cfg.out), inputs.train_set, inputs.test_set, inputs.encode, inputs.reward
     params = lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(cfg, params)
     replay = tspmo.ReplayBuffer(cfg.replay_threshold)
     stops = list(tokenizer.eos_token_ids)
 
@@ -310,6 +310,12 @@ def run(cfg: TrainConfig, model, tokenizer, inputs: Inputs, resume: bool, log) -
     return {"base": evals[0]["accuracy"], "final": evals[-1]["accuracy"], "n": len(test_set)}
 
 
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.AdamW:
+    """AdamW over the LoRA matrices. T-SPMO's penalty λ Σ‖W‖² is its decoupled weight decay 2λ, applied with
+    each update (rl/tspmo.py says why it is not in the loss); the other methods have none."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=2 * cfg.lam if cfg.method == "tspmo" else 0.0)
+
+
 def method_step(cfg: TrainConfig, model, replay, stops, sample, score, optimizer_step):
     """The chosen method's train_step with this run's settings: a function of the step's draws."""
     common = dict(temperature=cfg.temperature, train_batch=cfg.train_batch, max_new_tokens=cfg.max_new_tokens)
@@ -320,7 +326,7 @@ def method_step(cfg: TrainConfig, model, replay, stops, sample, score, optimizer
         return functools.partial(sgrpo.train_step, model, sample=sample, score=score, optimizer_step=optimizer_step,
                                  alpha=cfg.sgrpo_alpha, k=cfg.sgrpo_k, p=cfg.sgrpo_p, beta=cfg.beta, **common)
     return functools.partial(tspmo.train_step, model, sample=sample, score=score, optimizer_step=optimizer_step,
-                             replay=replay, lam=cfg.lam, tree_pack=cfg.tree_pack, replay_success=cfg.replay_success,
+                             replay=replay, tree_pack=cfg.tree_pack, replay_success=cfg.replay_success,
                              replay_failure=cfg.replay_failure, stop_ids=stops, **common)
 
 

@@ -1,6 +1,7 @@
 """The training loop's own promises (minirl/train.py), each on a short run of a random Hugging Face folder:
 
-- no method takes an optimizer step when no group of a round carries a reward difference or a penalty;
+- no method takes an optimizer step when no group of a round carries a reward difference (T-SPMO's λ
+  included: it is weight decay, applied with an update, never a reason for one);
 - a replayed answer never outgrows --max-new-tokens;
 - problems come in passes over the train split, none twice before all came once;
 - peak_mem_bytes is the step's high-water mark, not the run's.
@@ -31,8 +32,9 @@ def short_run(hf_folder: Path, out: Path, method: str, *extra: str) -> list[dict
 
 @pytest.mark.parametrize("method", ["grpo", "sgrpo", "tspmo"])
 def test_no_optimizer_step_without_a_signal(method, hf_folder, tmp_path, monkeypatch, capsys):
-    """Step 1 has mixed rewards; from step 2 on every reward is 0 (λ = 0): the weights must stay where step 1
-    left them. Adam's momentum would move them on zero gradients if a step were taken."""
+    """Step 1 has mixed rewards; from step 2 on every reward is 0: the weights must stay where step 1 left
+    them, with T-SPMO at the paper's λ = 0.01 too. Adam's momentum would move them on zero gradients if a
+    step were taken, and a penalty in the loss would pull every entry toward zero at a full step each."""
     tied = {"now": False}
     monkeypatch.setattr(train, "resolve_reward", lambda spec, problems=(): lambda text, answer:
                         0.0 if tied["now"] else parity(text, answer))
@@ -45,7 +47,7 @@ def test_no_optimizer_step_without_a_signal(method, hf_folder, tmp_path, monkeyp
         real_save(out, step, model, *args)
 
     monkeypatch.setattr(train, "save_checkpoint", save)
-    metrics = short_run(hf_folder, tmp_path / "run", method, "--steps", "3", "--checkpoint-every", "1", "--lam", "0")
+    metrics = short_run(hf_folder, tmp_path / "run", method, "--steps", "3", "--checkpoint-every", "1", "--lam", "0.01")
     capsys.readouterr()
     assert metrics[0]["updates"] >= 1, "step 1 took no step: the comparison below would be empty"
     assert [m["updates"] for m in metrics[1:]] == [0, 0]

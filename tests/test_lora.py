@@ -13,7 +13,7 @@ import minirl.files
 from conftest import random_model, write_hf_folder
 from minirl import load_pretrained
 from minirl.errors import InputError
-from minirl.lora import (TARGETS, LoRALinear, add_lora, disable_adapters, load_adapter, lora_l2, lora_modules,
+from minirl.lora import (TARGETS, LoRALinear, add_lora, disable_adapters, load_adapter, lora_modules,
                          lora_parameters, parse_layers, parse_targets, save_adapter)
 
 IDS = torch.tensor([[3, 17, 42, 5, 60, 11, 2], [8, 8, 90, 1, 33, 4, 70]])  # (B, T)
@@ -118,18 +118,6 @@ def test_optimizer_holds_only_lora_tensors_and_base_stays_frozen():
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == lora_ids
     assert {id(p) for p in optimizer.state} == lora_ids
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "lora_" not in k)
-
-
-def test_lora_l2_is_the_sum_of_squares_of_every_a_and_b():
-    _, model = lora_model(2, targets=("q_proj", "down_proj"), layers=[0, 3], rank=3, alpha=3)
-    state = model.state_dict()
-    brute = sum(float((state[k].double() ** 2).sum()) for k in state if k.endswith(("lora_A", "lora_B")))
-    assert sum(1 for k in state if "lora_" in k) == 8
-    penalty = lora_l2(model)
-    assert math.isclose(float(penalty.detach()), brute, rel_tol=1e-6)
-    penalty.backward()
-    for p in lora_parameters(model):
-        torch.testing.assert_close(p.grad, 2 * p.detach())
 
 
 # --- disable -----------------------------------------------------------------------------------------

@@ -247,6 +247,20 @@ def test_default_run_takes_the_tiny_models_settings_unless_a_flag_is_given(tiny_
     assert {k: config[k] for k in rest} == {k: paper[k] for k in rest}
 
 
+def test_tspmo_lambda_is_weight_decay_of_two_lambda_and_the_other_methods_have_none():
+    """One AdamW step with λ against one without, from the same weights and gradients: T-SPMO's weights differ
+    by exactly −lr · 2λ · W, the plain gradient step of λ‖W‖²; GRPO and S-GRPO do not read λ at all."""
+    w0, grad = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -0.2])
+    for method, decay in (("tspmo", 2 * 0.25), ("grpo", 0.0), ("sgrpo", 0.0)):
+        after = {}
+        for lam in (0.0, 0.25):
+            w = torch.nn.Parameter(w0.clone())
+            w.grad = grad.clone()
+            train.make_optimizer(train.TrainConfig(method=method, lr=0.1, lam=lam), [w]).step()
+            after[lam] = w.detach()
+        torch.testing.assert_close(after[0.25] - after[0.0], -0.1 * decay * w0, rtol=0, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- tools/compare_methods.py
 
 

@@ -11,7 +11,7 @@ peft.LoraConfig), the same group of G completions, the same losses (DESIGN.md, "
     hf-grpo, -sgrpo       per completion: logits = model(P + c_i).logits, log_softmax, gather, KL to the
                           adapter-free model, backward
     hf-tspmo              batches of --train-batch full sequences: logits, log_softmax, gather every pair
-                          of U, loss −(1/|U|) Σ π·A, backward; λ‖W‖² on peft's lora_A, lora_B
+                          of U, loss −(1/|U|) Σ π·A, backward (λ is AdamW's weight decay, alike on both sides)
 
 A step is the forward, the backward and the AdamW step. Each variant runs in a fresh process after a
 warm-up step on two completions (lazy start-up and the AdamW moments stay out of the peak). Printed:
@@ -66,7 +66,7 @@ SHAPES = {
 VARIANTS = ("minirl-grpo", "hf-grpo", "minirl-sgrpo", "hf-sgrpo", "minirl-tspmo", "minirl-tspmo-packed", "hf-tspmo")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANK, ALPHA = 8, 16.0
-BETA, LAM = 0.01, 0.01  # the paper's β and λ
+BETA = 0.01  # the paper's β
 
 
 def synthetic_group(G, prompt_tokens, new_tokens, vocab, seed=0):
@@ -118,8 +118,6 @@ def hf_tspmo(model, prompt, completions, rewards, tau, train_batch):
         logp = logp[[p.completion - start for p in mine], [L - 1 + p.position for p in mine]]  # (n,)
         A = torch.tensor([p.advantage for p in mine], device=logp.device)
         (-(logp.exp() * A).sum() / len(pairs)).backward()
-    lora = [p for name, p in model.named_parameters() if "lora_" in name]
-    (LAM * sum((p.float() ** 2).sum() for p in lora)).backward()
 
 
 # ----------------------------------------------------------------------------- one variant, in its own process
@@ -160,7 +158,7 @@ def step_fn(variant, model, tau, train_batch):
                 "sgrpo": lambda P, C, R, keep: hf_grpo(model, P, C, R, tau, keep),
                 "tspmo": lambda P, C, R, keep: hf_tspmo(model, P, C, R, tau, train_batch)}[method]
     if method == "tspmo":
-        return lambda P, C, R, keep: tspmo.accumulate_gradients(model, P, C, R, lam=LAM, temperature=tau,
+        return lambda P, C, R, keep: tspmo.accumulate_gradients(model, P, C, R, temperature=tau,
                                                                 train_batch=train_batch,
                                                                 tree_pack=variant.endswith("packed"))
     return lambda P, C, R, keep: grpo.accumulate_gradients(model, P, C, R, beta=BETA, temperature=tau,
@@ -237,7 +235,7 @@ def tiny_packed_tokens(n_problems, G, tau, seed=0):
         rewards = [reward(tokenizer.decode(c), problem.answer) for c in completions]
         for pack in (False, True):
             counter[0] = 0
-            tspmo.accumulate_gradients(model, prompt, completions, rewards, lam=LAM, temperature=tau, tree_pack=pack)
+            tspmo.accumulate_gradients(model, prompt, completions, rewards, temperature=tau, tree_pack=pack)
             totals[pack] += counter[0]
             model.zero_grad(set_to_none=True)
     return totals[True], totals[False]

@@ -42,8 +42,9 @@ HABIT = " 0"  # what a habit answer appends to the product
 
 # Settings of `python -m minirl.train` with no --model (read through minirl.cli.tiny_defaults);
 # explicit flags still win. max_new_tokens is added per build: the product, the habit, EOS, one spare.
-# Tuned on seeds 0 and 1 (README, "The built-in tiny model"). λ = 0: under Adam the L2 term alone drives A
-# to zero while B is still zero, and the adapter dies (B's gradient is proportional to A, A's to B).
+# Tuned on seeds 0 and 1 (README, "The built-in tiny model"). λ = 0: chosen while T-SPMO's L2 term was in the
+# loss, where Adam drove A to zero while B was still zero and the adapter died; λ is AdamW's weight decay now
+# (rl/tspmo.py), and the README's tiny results stay those of λ = 0.
 # S-GRPO's α = 2, k = 4: answers here are at most 8 tokens, and the paper-scale α = 8 would keep all of them
 # (S-GRPO would be GRPO exactly).
 TRAIN_DEFAULTS = {"prompt_style": "plain", "steps": 1000, "lr": 1e-3, "lam": 0.0, "sgrpo_alpha": 2, "sgrpo_k": 4,

@@ -22,7 +22,7 @@ class GroupStats:
     loss: float = 0.0
     n_loss_terms: int = 0  # tokens (GRPO, S-GRPO) or |U| (T-SPMO)
     n_computed: int = 0  # log-probs evaluated: every kept token, or T-SPMO's branch-point pairs
-    has_signal: bool = False  # a reward difference, or a penalty term: the group moves the weights
+    has_signal: bool = False  # a reward difference: the group moves the weights
 
 
 @dataclass

@@ -9,7 +9,15 @@ in it — a prefix p of some completion and the token v that follows it there �
 
 The objective uses π, not log π, as the paper writes it. A prefix with one child has A = 0, so
 only pairs at branch points carry gradient: only their log-probs are computed (by the fused kernel,
-one row per pair), while |U| still counts every pair. No clipping, no old policy, one update a tree.
+one row per pair), while |U| still counts every pair. No clipping, no old policy, one update a tree
+with a signal; a tree whose rewards all tie has none.
+
+λ is not in the backpropagated loss: train.py gives AdamW a decoupled weight decay of 2λ, so each
+update also takes W ← W − lr · 2λ · W, the plain gradient step of the penalty (its gradient is 2λW).
+Through Adam the penalty's gradient would be normalised like any other: on a tree with no reward
+difference, or on A while B is still zero, it is the whole gradient, and Adam turns it into a step of
+size lr toward zero for every entry, whatever λ is. On SmolLM2-135M at the paper's lr 1e-4 and λ 0.01
+that emptied the adapter within 450 steps (‖A‖ from 1.63 to 0.12; README, "Limits").
 
 Replay. Completions already generated are kept per problem, split into successes (R ≥ r) and
 failures (R < r). Each step:
@@ -31,18 +39,17 @@ import torch
 
 from minirl.distributed import all_max, gather_json
 from minirl.logprobs import selected_logprobs
-from minirl.lora import lora_l2
 from minirl.prefix_tree import active_pairs, tspmo_pairs
 from minirl.rl import GroupStats, StepStats
 from minirl.tree_pack import tree_logprobs
 
 
 def accumulate_gradients(model, prefix: list[int], completions: list[list[int]], rewards: list[float], *,
-                         lam: float, temperature: float, train_batch: int = 8, tree_pack: bool = False) -> GroupStats:
-    """Add ∇loss of one tree to the LoRA gradients."""
+                         temperature: float, train_batch: int = 8, tree_pack: bool = False) -> GroupStats:
+    """Add ∇loss of one tree to the LoRA gradients (λ's term is the optimizer's weight decay: above)."""
     pairs = tspmo_pairs(completions, rewards)
     active = active_pairs(pairs)
-    stats = GroupStats(n_loss_terms=len(pairs), n_computed=len(active), has_signal=bool(active) or lam > 0)
+    stats = GroupStats(n_loss_terms=len(pairs), n_computed=len(active), has_signal=bool(active))
     if active and tree_pack:  # the whole tree in one forward (minirl/tree_pack.py)
         logp = tree_logprobs(model, prefix, completions, active, temperature)  # (n_active,)
         stats.loss += backward_pi_a(logp, [pair.advantage for pair in active], len(pairs))
@@ -58,10 +65,6 @@ def accumulate_gradients(model, prefix: list[int], completions: list[list[int]],
             advantages = [pair.advantage for c in batch for pair in by_completion[c]]
             logp = selected_logprobs(model, sequences, picks, temperature)  # (n_pairs,)
             stats.loss += backward_pi_a(logp, advantages, len(pairs))
-    if lam > 0:
-        penalty = lam * lora_l2(model)
-        penalty.backward()
-        stats.loss += penalty.item()
     return stats
 
 
@@ -73,9 +76,9 @@ def backward_pi_a(logp, advantages: list[float], n_pairs: int) -> float:
     return loss.item()
 
 
-def train_step(model, draws, sample, score, optimizer_step, replay: "ReplayBuffer", *, lam: float,
-               temperature: float, train_batch: int, tree_pack: bool, replay_success: int, replay_failure: int,
-               max_new_tokens: int, stop_ids: list[int]) -> StepStats:
+def train_step(model, draws, sample, score, optimizer_step, replay: "ReplayBuffer", *, temperature: float,
+               train_batch: int, tree_pack: bool, replay_success: int, replay_failure: int, max_new_tokens: int,
+               stop_ids: list[int]) -> StepStats:
     """One T-SPMO step with replay: steps 1–3 of the module docstring. The callables: rl/__init__.py."""
     step = StepStats()
 
@@ -85,7 +88,7 @@ def train_step(model, draws, sample, score, optimizer_step, replay: "ReplayBuffe
         continuations = sample(draw, root, max_new_tokens - len(replayed))
         answers = [replayed + c for c in continuations]
         rewards = [score(draw, answer) for answer in answers]
-        group = accumulate_gradients(model, root, continuations, rewards, lam=lam, temperature=temperature,
+        group = accumulate_gradients(model, root, continuations, rewards, temperature=temperature,
                                      train_batch=train_batch, tree_pack=tree_pack)
         step.add(group)
         return answers, rewards, group
