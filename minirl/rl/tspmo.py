@@ -21,13 +21,14 @@ that emptied the adapter within 450 steps (‖A‖ from 1.63 to 0.12; README, "L
 
 Replay. Completions already generated are kept per problem, split into successes (R ≥ r) and
 failures (R < r). Each step:
-  1. samples a fresh group from each problem's prompt, scores it, and takes one optimizer step;
+  1. samples a fresh group from each problem's prompt, scores it, and takes one optimizer step (if any
+     of its trees has a signal);
   2. adds those answers to the buffer, then draws up to C_success successes and C_failure failures of
      the problem from it (so a first success is replayed at once), each cut at a position t drawn
      uniformly from the prompt's end to the answer's end (its final EOS excluded);
   3. samples G continuations of each cut answer — at most what is left of the max_new_tokens cap, so
      a replayed answer is never longer than a fresh one — and scores each as the whole answer, the
-     replayed part followed by the continuation; each such tree is one more optimizer step.
+     replayed part followed by the continuation; each such tree is one more optimizer step (with a signal).
 Under torchrun the buffer is one logical buffer: every rank adds every rank's groups in the same
 order (distributed.gather_json), so W ranks hold what one process with W problems per step holds.
 """
