@@ -11,7 +11,7 @@ peft.LoraConfig), the same group of G completions, the same losses (DESIGN.md, "
     hf-grpo, -sgrpo       per completion: logits = model(P + c_i).logits, log_softmax, gather, KL to the
                           adapter-free model, backward
     hf-tspmo              batches of --train-batch full sequences: logits, log_softmax, gather every pair
-                          of U, loss −(1/|U|) Σ π·A, backward (λ is AdamW's weight decay, alike on both sides)
+                          of U, loss −(1/|U|) Σ π·A, backward (λ: train.make_optimizer's weight decay, both sides)
 
 A step is the forward, the backward and the AdamW step. Each variant runs in a fresh process after a
 warm-up step on two completions (lazy start-up and the AdamW moments stay out of the peak). Printed:
@@ -57,6 +57,7 @@ from minirl.prefix_tree import tspmo_pairs  # noqa: E402
 from minirl.rl import grpo, tspmo  # noqa: E402
 from minirl.rl.sgrpo import sample_token_subset  # noqa: E402
 from minirl.tiny import char_tokenizer  # noqa: E402
+from minirl.train import TrainConfig, make_optimizer  # noqa: E402
 
 SHAPES = {
     "small": dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -169,7 +170,8 @@ def step_fn(variant, model, tau, train_batch):
 def run_variant(variant, folder, group, args):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model, params, counter = load_variant(variant, folder, dtype, device)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # minirl's own AdamW for this method on both sides: T-SPMO's λ (the paper's 0.01) as its weight decay
+    optimizer = make_optimizer(TrainConfig(method=variant.split("-")[1], lr=1e-4), params)
     step = step_fn(variant, model, args.temperature, args.train_batch)
     P, C, R, keep = group["prompt"], group["completions"], group["rewards"], group["keep"]
 
